@@ -1,0 +1,21 @@
+"""Feature types: what to select from OSM and which metrics to compute for it."""
+
+from airflow_memsafe.features.registry import (
+    BUILTIN_FEATURE_TYPES,
+    FeatureType,
+    GeometryKind,
+    UnknownFeatureTypeError,
+    known_feature_types,
+    register_feature_type,
+    resolve_feature_types,
+)
+
+__all__ = [
+    "BUILTIN_FEATURE_TYPES",
+    "FeatureType",
+    "GeometryKind",
+    "UnknownFeatureTypeError",
+    "known_feature_types",
+    "register_feature_type",
+    "resolve_feature_types",
+]

@@ -1,0 +1,304 @@
+"""Stream one feature type out of a PBF and reduce it to one row of metrics.
+
+Data flows one way: PBF → C++ tag/entity filters (libosmium) → Python sees only matching
+objects → WKB strings in micro-batches → vectorised geodesic metrics → running sums. No list
+of all features is ever held: memory is the node-location index + one batch + the reader's
+bounded read-ahead queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import osmium
+
+from airflow_memsafe.config import MemsafeSettings
+from airflow_memsafe.errors import InvalidPbfError
+from airflow_memsafe.features import FeatureType, GeometryKind
+from airflow_memsafe.memory import PeakRss, read_memory, release_memory
+from airflow_memsafe.osm.batching import MicroBatch
+from airflow_memsafe.osm.geodesy import (
+    bbox_area_km2,
+    geodesic_areas_m2,
+    geodesic_lengths_m,
+    geometries_from_wkb,
+)
+from airflow_memsafe.osm.source import PbfSource, boundary_area_km2, open_pbf, pbf_file
+
+__all__ = [
+    "OTHER_CLASS",
+    "FeatureResult",
+    "choose_node_index",
+    "extract_feature_type",
+    "extract_feature_types",
+    "region_area_km2",
+]
+
+log = logging.getLogger(__name__)
+
+OTHER_CLASS = "__other__"
+#: In-memory node index cost per byte of PBF, measured: 954 MB PBF → 2.1 GB RSS.
+_INDEX_BYTES_PER_PBF_BYTE = 2.3
+_RELATION_AREA_TYPES = ("multipolygon", "boundary")
+
+
+@dataclass
+class FeatureResult:
+    """Metrics of one feature type over one region: what becomes one fact row."""
+
+    feature_type: str
+    geometry_kind: str
+    feature_count: int
+    length_km: float | None
+    area_km2: float | None
+    skipped_count: int
+    class_counts: dict[str, int]
+    region_area_km2: float | None
+    density_per_km2: float | None
+    objects_seen: int
+    duration_s: float
+    peak_memory_mb: float
+    node_index: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Metrics:
+    """Running sums for one feature type; fed per object (counts) and per batch (geometry)."""
+
+    def __init__(self, feature_type: FeatureType, max_classes: int) -> None:
+        self.ft = feature_type
+        self.max_classes = max_classes
+        self.count = 0
+        self.skipped = 0
+        self.length_m = 0.0
+        self.area_m2 = 0.0
+        self.classes: Counter[str] = Counter()
+
+    def add_class(self, value: str) -> None:
+        if value in self.classes or len(self.classes) < self.max_classes:
+            self.classes[value] += 1
+        else:
+            self.classes[OTHER_CLASS] += 1
+
+    def measure(self, wkbs: list[str]) -> None:
+        """Sink of the micro-batch: one vectorised call per batch."""
+        geoms = geometries_from_wkb(wkbs)
+        if self.ft.geometry is GeometryKind.LINE:
+            self.length_m += float(geodesic_lengths_m(geoms).sum())
+        elif self.ft.geometry is GeometryKind.AREA:
+            self.area_m2 += float(geodesic_areas_m2(geoms).sum())
+
+
+def choose_node_index(size_bytes: int, settings: MemsafeSettings, limit_mb: float) -> str:
+    """``flex_mem`` when its estimated size fits the budget share, else ``sparse_file_array``.
+
+    Memory: flex_mem holds all node locations in RAM (~2.3× the PBF size for extracts);
+    sparse_file_array keeps them in a temporary file (page cache, reclaimable).
+    """
+    if settings.node_index != "auto":
+        return settings.node_index
+    estimate_mb = size_bytes * _INDEX_BYTES_PER_PBF_BYTE / 2**20
+    return "flex_mem" if estimate_mb <= limit_mb * settings.index_memory_fraction else (
+        "sparse_file_array"
+    )
+
+
+@contextlib.contextmanager
+def _node_locations(kind: str, settings: MemsafeSettings) -> Iterator[Any]:
+    """A node-location table; a file-backed one lives in a temp dir removed on exit."""
+    if kind != "sparse_file_array":
+        table = osmium.index.create_map(kind)
+        try:
+            yield table
+        finally:
+            del table
+        return
+    with tempfile.TemporaryDirectory(prefix="memsafe-nodes-", dir=settings.index_dir) as tmp:
+        table = osmium.index.create_map(f"sparse_file_array,{Path(tmp) / 'nodes.idx'}")
+        try:
+            yield table
+        finally:
+            del table  # unmap before the directory goes
+
+
+def _configure_reader_queues(settings: MemsafeSettings) -> None:
+    # libosmium reads these when a Reader is constructed (DESIGN.md, measured facts).
+    os.environ["OSMIUM_MAX_OSMDATA_QUEUE_SIZE"] = str(settings.osmdata_queue_size)
+    os.environ["OSMIUM_MAX_INPUT_QUEUE_SIZE"] = str(settings.input_queue_size)
+
+
+def _tag_filter(ft: FeatureType) -> Any:
+    if ft.values is None:
+        return osmium.filter.KeyFilter(ft.key)
+    return osmium.filter.TagFilter(*((ft.key, v) for v in sorted(ft.values)))
+
+
+def _processor(source: PbfSource, ft: FeatureType, locations: Any) -> osmium.FileProcessor:
+    """Reader with the selection pushed into C++: Python sees matching objects only."""
+    fp = osmium.FileProcessor(pbf_file(source.path)).with_locations(locations)
+    if ft.geometry is GeometryKind.LINE:
+        entities = osmium.osm.WAY
+    else:
+        fp = fp.with_areas(_tag_filter(ft))
+        entities = osmium.osm.AREA | osmium.osm.RELATION
+        if ft.geometry is GeometryKind.POINT:
+            entities |= osmium.osm.NODE
+    return fp.with_filter(_tag_filter(ft)).with_filter(osmium.filter.EntityFilter(entities))
+
+
+def extract_feature_type(
+    source: PbfSource,
+    feature_type: FeatureType,
+    settings: MemsafeSettings | None = None,
+    *,
+    region_area_km2: float | None = None,
+    on_batch: Callable[[MicroBatch[str]], None] | None = None,
+) -> FeatureResult:
+    """Read ``source`` once and compute the metrics of ``feature_type``.
+
+    Memory: node-location index (in RAM or a temp file, see :func:`choose_node_index`) +
+    ``batch_size`` WKB strings + the bounded reader queue; independent of feature count.
+    ``on_batch`` is called after every micro-batch (memory monitoring hooks in here).
+    Raises :class:`InvalidPbfError` when the file turns out corrupt or truncated.
+    """
+    settings = settings or MemsafeSettings.resolve()
+    _configure_reader_queues(settings)
+    limit_mb = settings.memory_limit_mb or read_memory().limit_mb
+    index_kind = choose_node_index(source.size_bytes, settings, limit_mb)
+    peak = PeakRss()
+    started = time.perf_counter()
+
+    ft = feature_type
+    metrics = _Metrics(ft, settings.max_classes)
+
+    def sink(wkbs: list[str]) -> None:
+        metrics.measure(wkbs)
+        if on_batch is not None:
+            on_batch(batch)
+
+    batch: MicroBatch[str] = MicroBatch(sink, settings.batch_size)
+    wkb = osmium.geom.WKBFactory()
+    key = ft.key
+    kind = ft.geometry
+    seen = relation_candidates = relation_areas = 0
+    node_t, way_t, area_t = osmium.osm.Node, osmium.osm.Way, osmium.osm.Area
+
+    with _node_locations(index_kind, settings) as locations:
+        try:
+            for obj in _processor(source, ft, locations):
+                seen += 1
+                if isinstance(obj, area_t):
+                    if not obj.from_way():
+                        relation_areas += 1
+                    if kind is GeometryKind.POINT:
+                        ok = obj.num_rings()[0] > 0
+                    else:
+                        try:
+                            batch.append(wkb.create_multipolygon(obj))
+                            ok = True
+                        except RuntimeError:  # no rings: broken or clipped
+                            ok = False
+                elif isinstance(obj, way_t):
+                    try:
+                        batch.append(wkb.create_linestring(obj))
+                        ok = True
+                    except (osmium.InvalidLocationError, RuntimeError):
+                        ok = False  # node outside the extract, or < 2 distinct points
+                elif isinstance(obj, node_t):
+                    ok = True
+                else:  # a relation that should become an area; counted to find failures
+                    if obj.tags.get("type") in _RELATION_AREA_TYPES:
+                        relation_candidates += 1
+                    continue
+                if ok:
+                    metrics.count += 1
+                    metrics.add_class(obj.tags.get(key, ""))
+                else:
+                    metrics.skipped += 1
+            batch.flush()
+        except RuntimeError as exc:
+            raise InvalidPbfError(
+                f"cannot read {source.path} while extracting {ft.name}: {exc}"
+            ) from None
+    # Relations whose members are missing from a clipped extract never become areas.
+    metrics.skipped += max(0, relation_candidates - relation_areas)
+
+    duration = time.perf_counter() - started
+    density = (
+        metrics.count / region_area_km2 if region_area_km2 and region_area_km2 > 0 else None
+    )
+    return FeatureResult(
+        feature_type=ft.name,
+        geometry_kind=kind.value,
+        feature_count=metrics.count,
+        length_km=metrics.length_m / 1000 if kind is GeometryKind.LINE else None,
+        area_km2=metrics.area_m2 / 1e6 if kind is GeometryKind.AREA else None,
+        skipped_count=metrics.skipped,
+        class_counts=dict(metrics.classes.most_common()),
+        region_area_km2=region_area_km2,
+        density_per_km2=density,
+        objects_seen=seen,
+        duration_s=duration,
+        peak_memory_mb=peak.peak_mb(),
+        node_index=index_kind,
+    )
+
+
+def region_area_km2(source: PbfSource, boundary_path: str | os.PathLike[str] | None) -> float:
+    """Area used for densities: the boundary's, else the header bbox's, else the data extent.
+
+    The data-extent fallback reads every node once in Python (slow on big files); extracts
+    from Geofabrik, BBBike or ``osmium extract`` all carry a header bbox.
+    """
+    if boundary_path:
+        return boundary_area_km2(boundary_path)
+    area = source.bbox_area_km2()
+    if area is not None:
+        return area
+    min_lon = min_lat = float("inf")
+    max_lon = max_lat = float("-inf")
+    try:
+        for node in osmium.FileProcessor(pbf_file(source.path), osmium.osm.NODE):
+            loc = node.location
+            if loc.valid():
+                min_lon, max_lon = min(min_lon, loc.lon), max(max_lon, loc.lon)
+                min_lat, max_lat = min(min_lat, loc.lat), max(max_lat, loc.lat)
+    except RuntimeError as exc:
+        raise InvalidPbfError(f"cannot read {source.path}: {exc}") from None
+    if min_lon > max_lon:
+        return 0.0
+    return bbox_area_km2(min_lon, min_lat, max_lon, max_lat)
+
+
+def extract_feature_types(
+    path: str | os.PathLike[str] | PbfSource,
+    feature_types: Iterable[FeatureType],
+    settings: MemsafeSettings | None = None,
+    *,
+    boundary_path: str | os.PathLike[str] | None = None,
+) -> Iterator[FeatureResult]:
+    """Extract types strictly one after another, releasing memory between them.
+
+    A generator: the caller handles (writes) each result before the next type is read.
+    """
+    settings = settings or MemsafeSettings.resolve()
+    source = path if isinstance(path, PbfSource) else open_pbf(path)
+    area = region_area_km2(source, boundary_path)
+    for ft in feature_types:
+        try:
+            yield extract_feature_type(source, ft, settings, region_area_km2=area)
+        finally:
+            if settings.force_gc:
+                release_memory()

@@ -1,0 +1,122 @@
+"""What we know about an input PBF before reading it: validation, header, lineage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import osmium
+import shapely
+from shapely.geometry import shape
+
+from airflow_memsafe.errors import InvalidPbfError
+from airflow_memsafe.osm.geodesy import bbox_area_km2, geodesic_areas_m2
+
+__all__ = ["PbfSource", "boundary_area_km2", "open_pbf", "pbf_file"]
+
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PbfSource:
+    """A validated PBF file. Reading the header costs one block; the hash reads the file."""
+
+    path: Path
+    size_bytes: int
+    replication_timestamp: datetime | None
+    bbox: tuple[float, float, float, float] | None  # min_lon, min_lat, max_lon, max_lat
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / 2**20
+
+    @cached_property
+    def sha256(self) -> str:
+        """SHA-256 of the file, streamed in 1 MiB chunks (constant memory)."""
+        digest = hashlib.sha256()
+        with self.path.open("rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def bbox_area_km2(self) -> float | None:
+        """Ellipsoidal area of the header bounding box, if the header has one."""
+        return bbox_area_km2(*self.bbox) if self.bbox else None
+
+
+def _parse_timestamp(value: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def pbf_file(path: str | os.PathLike[str]) -> osmium.io.File:
+    """An osmium file handle read as PBF whatever the file is called."""
+    return osmium.io.File(str(path), "pbf")
+
+
+def open_pbf(path: str | os.PathLike[str]) -> PbfSource:
+    """Validate ``path`` as an OSM PBF and read its header.
+
+    Raises :class:`InvalidPbfError` (one line naming the file and the problem) when the file
+    is missing, empty, not a PBF, or its header cannot be decoded. Truncation further in is
+    detected while streaming.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InvalidPbfError(f"PBF file not found: {p}")
+    if not p.is_file():
+        raise InvalidPbfError(f"PBF path is not a regular file: {p}")
+    size = p.stat().st_size
+    if size == 0:
+        raise InvalidPbfError(f"PBF file is empty (0 bytes): {p}")
+    try:
+        with osmium.io.Reader(pbf_file(p), osmium.osm.NOTHING) as reader:
+            header = reader.header()
+            box = header.box()
+            bbox = (
+                (box.bottom_left.lon, box.bottom_left.lat, box.top_right.lon, box.top_right.lat)
+                if box.valid()
+                else None
+            )
+            stamp = _parse_timestamp(header.get("osmosis_replication_timestamp", "")) or (
+                _parse_timestamp(header.get("timestamp", ""))
+            )
+    except RuntimeError as exc:
+        raise InvalidPbfError(f"not a valid OSM PBF file: {p} ({exc})") from None
+    return PbfSource(path=p.resolve(), size_bytes=size, replication_timestamp=stamp, bbox=bbox)
+
+
+def boundary_area_km2(geojson_path: str | os.PathLike[str]) -> float:
+    """Geodesic area of the (unioned) polygons in a GeoJSON file, in km²."""
+    p = Path(geojson_path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read boundary GeoJSON {p}: {exc}") from None
+    if doc.get("type") == "FeatureCollection":
+        geoms = [shape(f["geometry"]) for f in doc.get("features", []) if f.get("geometry")]
+    elif doc.get("type") == "Feature":
+        geoms = [shape(doc["geometry"])]
+    else:
+        geoms = [shape(doc)]
+    polys = [g for g in geoms if g.geom_type in ("Polygon", "MultiPolygon")]
+    if not polys:
+        raise ValueError(f"boundary GeoJSON {p} has no Polygon or MultiPolygon")
+    parts = shapely.get_parts(shapely.make_valid(np.array(polys, dtype=object)))
+    merged = shapely.union_all(parts[np.isin(shapely.get_type_id(parts), (3, 6))])
+    return float(geodesic_areas_m2(np.array([merged]))[0] / 1e6)
