@@ -46,9 +46,7 @@ class UnknownFeatureTypeError(ValueError):
     def __init__(self, name: object, known: Iterable[str]) -> None:
         self.name = name
         self.known = sorted(known)
-        super().__init__(
-            f"unknown feature type {name!r}; known types: {', '.join(self.known)}"
-        )
+        super().__init__(f"unknown feature type {name!r}; known types: {', '.join(self.known)}")
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,10 @@ def choose_node_index(size_bytes: int, settings: MemsafeSettings, limit_mb: floa
     if settings.node_index != "auto":
         return settings.node_index
     estimate_mb = size_bytes * _INDEX_BYTES_PER_PBF_BYTE / 2**20
-    return "flex_mem" if estimate_mb <= limit_mb * settings.index_memory_fraction else (
-        "sparse_file_array"
+    return (
+        "flex_mem"
+        if estimate_mb <= limit_mb * settings.index_memory_fraction
+        else ("sparse_file_array")
     )
 
 
@@ -236,9 +238,7 @@ def extract_feature_type(
     metrics.skipped += max(0, relation_candidates - relation_areas)
 
     duration = time.perf_counter() - started
-    density = (
-        metrics.count / region_area_km2 if region_area_km2 and region_area_km2 > 0 else None
-    )
+    density = metrics.count / region_area_km2 if region_area_km2 and region_area_km2 > 0 else None
     return FeatureResult(
         feature_type=ft.name,
         geometry_kind=kind.value,

@@ -1,0 +1,187 @@
+"""``fact_geo_region_features``: the one DDL and the per-type upsert.
+
+Rows are keyed by (region_id, feature_type, snapshot); writing a snapshot again replaces its
+rows (``INSERT … ON CONFLICT DO UPDATE``). Each row is committed on its own, so a failure in
+a later feature type never touches rows already written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import sql
+
+from airflow_memsafe.osm.extract import FeatureResult
+from airflow_memsafe.storage.identifiers import (
+    validate_identifier,
+    validate_region_id,
+    validate_snapshot,
+)
+
+__all__ = ["FACT_COLUMNS", "FactRow", "FactTable", "Lineage"]
+
+DEFAULT_TABLE = "fact_geo_region_features"
+
+# (column, type). The one place the table's shape is written down.
+FACT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("region_id", "text NOT NULL"),
+    ("feature_type", "text NOT NULL"),
+    ("snapshot", "text NOT NULL"),
+    ("geometry_kind", "text NOT NULL"),
+    ("feature_count", "bigint NOT NULL"),
+    ("length_km", "double precision"),
+    ("area_km2", "double precision"),
+    ("skipped_count", "bigint NOT NULL DEFAULT 0"),
+    ("region_area_km2", "double precision"),
+    ("density_per_km2", "double precision"),
+    ("class_counts", "jsonb NOT NULL DEFAULT '{}'::jsonb"),
+    ("source_file", "text"),
+    ("source_size_bytes", "bigint"),
+    ("source_sha256", "text"),
+    ("source_timestamp", "timestamptz"),
+    ("dag_id", "text"),
+    ("run_id", "text"),
+    ("task_id", "text"),
+    ("duration_s", "double precision"),
+    ("peak_memory_mb", "double precision"),
+    ("loaded_at", "timestamptz NOT NULL DEFAULT now()"),
+)
+_KEY = ("region_id", "feature_type", "snapshot")
+_INSERTED = tuple(c for c, _ in FACT_COLUMNS if c != "loaded_at")
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a row came from: the input file and the Airflow task that wrote it."""
+
+    source_file: str | None = None
+    source_size_bytes: int | None = None
+    source_sha256: str | None = None
+    source_timestamp: datetime | None = None
+    dag_id: str | None = None
+    run_id: str | None = None
+    task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FactRow:
+    """One row: the metrics of one feature type for one region and snapshot."""
+
+    region_id: str
+    snapshot: str
+    result: FeatureResult
+    lineage: Lineage
+
+    def values(self) -> dict[str, Any]:
+        r, li = self.result, self.lineage
+        return {
+            "region_id": validate_region_id(self.region_id),
+            "feature_type": r.feature_type,
+            "snapshot": validate_snapshot(self.snapshot),
+            "geometry_kind": r.geometry_kind,
+            "feature_count": r.feature_count,
+            "length_km": r.length_km,
+            "area_km2": r.area_km2,
+            "skipped_count": r.skipped_count,
+            "region_area_km2": r.region_area_km2,
+            "density_per_km2": r.density_per_km2,
+            "class_counts": json.dumps(r.class_counts, ensure_ascii=False),
+            "source_file": li.source_file,
+            "source_size_bytes": li.source_size_bytes,
+            "source_sha256": li.source_sha256,
+            "source_timestamp": li.source_timestamp,
+            "dag_id": li.dag_id,
+            "run_id": li.run_id,
+            "task_id": li.task_id,
+            "duration_s": r.duration_s,
+            "peak_memory_mb": r.peak_memory_mb,
+        }
+
+
+class FactTable:
+    """A validated, quoted ``schema.table`` for fact rows. No I/O until a method is called."""
+
+    def __init__(self, schema: str = "public", table: str = DEFAULT_TABLE) -> None:
+        self.schema = validate_identifier(schema, "schema name")
+        self.table = validate_identifier(table, "table name")
+        self.ident = sql.Identifier(self.schema, self.table)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    def ddl(self) -> list[sql.Composed]:
+        """Idempotent DDL: schema, table with primary key, lookup index."""
+        columns = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(type_))
+            for name, type_ in FACT_COLUMNS
+        )
+        key = sql.SQL(", ").join(map(sql.Identifier, _KEY))
+        return [
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)),
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+                self.ident, columns, key
+            ),
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (snapshot, feature_type)").format(
+                sql.Identifier(f"{self.table}_snapshot_idx"[:63]), self.ident
+            ),
+        ]
+
+    def ensure(self, conn: Any) -> None:
+        """Create the table if missing. Serialised by an advisory lock: concurrent
+        ``CREATE TABLE IF NOT EXISTS`` can otherwise fail on the catalog's unique index."""
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                (f"memsafe-ddl:{self.qualified_name}",),
+            )
+            for statement in self.ddl():
+                cur.execute(statement)
+
+    def upsert(self, conn: Any, row: FactRow) -> None:
+        """Insert or replace one row and commit it."""
+        values = row.values()
+        cols = sql.SQL(", ").join(map(sql.Identifier, _INSERTED))
+        params = sql.SQL(", ").join(sql.Placeholder(c) for c in _INSERTED)
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+            for c in _INSERTED
+            if c not in _KEY
+        )
+        statement = sql.SQL(
+            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}, loaded_at = now()"
+        ).format(self.ident, cols, params, sql.SQL(", ").join(map(sql.Identifier, _KEY)), updates)
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(statement, values)
+
+    def counts(self, conn: Any, region_id: str, snapshot: str) -> dict[str, int]:
+        """feature_count per feature_type for one region and snapshot."""
+        query = sql.SQL(
+            "SELECT feature_type, feature_count FROM {} WHERE region_id = %s AND snapshot = %s"
+        ).format(self.ident)
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(query, (validate_region_id(region_id), validate_snapshot(snapshot)))
+            return {ft: int(n) for ft, n in cur.fetchall()}
+
+    def rows(
+        self, conn: Any, region_id: str | None = None, snapshot: str | None = None
+    ) -> list[dict[str, Any]]:
+        """All columns of the matching rows, as dicts (small: one row per type)."""
+        where, args = [], []
+        if region_id is not None:
+            where.append(sql.SQL("region_id = %s"))
+            args.append(validate_region_id(region_id))
+        if snapshot is not None:
+            where.append(sql.SQL("snapshot = %s"))
+            args.append(validate_snapshot(snapshot))
+        query = sql.SQL("SELECT * FROM {}{} ORDER BY region_id, snapshot, feature_type").format(
+            self.ident,
+            sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+        )
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(query, args)
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, rec, strict=True)) for rec in cur.fetchall()]
