@@ -69,6 +69,25 @@ def _interpolations(text: str) -> list[tuple[str, str | None, str]]:
     return found
 
 
+def _scalars(node: object):
+    """Every key and string value of the parsed file (compose interpolates those, not comments)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from _scalars(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _scalars(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def _compose_interpolations() -> list[tuple[str, str | None, str]]:
+    with COMPOSE_FILE.open() as fh:
+        parsed = yaml.safe_load(fh)
+    return [found for text in _scalars(parsed) for found in _interpolations(text)]
+
+
 def _env_example() -> dict[str, str]:
     values = {}
     for line in ENV_EXAMPLE.read_text().splitlines():
@@ -310,7 +329,7 @@ def test_every_variable_has_a_default_or_is_documented():
     missing = sorted(
         {
             name
-            for name, op, _ in _interpolations(COMPOSE_FILE.read_text())
+            for name, op, _ in _compose_interpolations()
             if op not in (":-", "-") and name not in documented
         }
     )
@@ -320,7 +339,7 @@ def test_every_variable_has_a_default_or_is_documented():
 def test_env_example_matches_compose_defaults():
     documented = _env_example()
     used = {}
-    for name, op, arg in _interpolations(COMPOSE_FILE.read_text()):
+    for name, op, arg in _compose_interpolations():
         if op in (":-", "-"):
             assert used.setdefault(name, arg) == arg, f"{name} has two different defaults"
     for name, default in used.items():
@@ -328,7 +347,7 @@ def test_env_example_matches_compose_defaults():
         assert documented[name] == default, (
             f"{name}: .env.example {documented[name]!r} != {default!r}"
         )
-    stale = set(documented) - {name for name, _, _ in _interpolations(COMPOSE_FILE.read_text())}
+    stale = set(documented) - {name for name, _, _ in _compose_interpolations()}
     assert not stale, f".env.example documents variables compose never reads: {sorted(stale)}"
 
 
@@ -370,7 +389,8 @@ def test_dockerfile_base_image_matches_the_lock_file():
 
 def test_dockerfile_installs_the_package_with_the_constraints():
     text = DOCKERFILE.read_text()
-    install = " ".join(re.findall(r"pip install[^\n]*(?:\\\n[^\n]*)*", text))
+    joined = text.replace("\\\n", " ")  # follow line continuations
+    install = " ".join(re.findall(r"pip install[^\n]*", joined))
     assert "-c constraints-py311.txt" in install
     assert re.search(r"\s\.(\s|$)", install), "the package itself (.) is not installed"
     assert '"apache-airflow==${AIRFLOW_VERSION}"' in install

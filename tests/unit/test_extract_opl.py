@@ -132,9 +132,10 @@ def test_same_results_for_any_batch_size_and_index(tiny_pbf: Path) -> None:
 def test_class_breakdown_is_bounded(tiny_pbf: Path) -> None:
     amen = _run(tiny_pbf, "amenities", max_classes=1)["amenities"]
     assert sum(amen["class_counts"].values()) == 3
-    assert set(amen["class_counts"]) == {"bench", OTHER_CLASS} or set(
-        amen["class_counts"]
-    ) == {"school", OTHER_CLASS}
+    assert set(amen["class_counts"]) == {"bench", OTHER_CLASS} or set(amen["class_counts"]) == {
+        "school",
+        OTHER_CLASS,
+    }
 
 
 @pytest.mark.parametrize(
@@ -159,5 +160,5 @@ def test_truncated_file_fails_clearly(tmp_path: Path) -> None:
     data = MONACO.read_bytes()
     path = tmp_path / "truncated.osm.pbf"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InvalidPbfError, match="cannot read .* while extracting roads"):
+    with pytest.raises(InvalidPbfError, match=r"cannot read .* while extracting roads"):
         list(extract_feature_types(path, resolve_feature_types("roads")))
