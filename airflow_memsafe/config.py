@@ -23,11 +23,25 @@ class MemsafeSettings:
 
     #: Objects handed to the metric computation per micro-batch (WKB strings held at once).
     batch_size: int = 2000
+    #: Floor for adaptive batch sizes under memory pressure (capped at batch_size).
+    min_batch_size: int = 64
     #: Worker memory limit; None reads it from the cgroup (or the machine's RAM).
     memory_limit_mb: int | None = None
-    #: Share of the memory limit the in-memory node-location index may take before the
-    #: engine switches to a file-backed ``sparse_file_array`` index.
-    index_memory_fraction: float = 0.25
+    #: Working-set thresholds, percent of the limit: warning halves the batch size, critical
+    #: flushes, collects and drops to the floor, hard stops with MemoryBudgetExceeded.
+    warning_pct: float = 80.0
+    critical_pct: float = 90.0
+    hard_limit_pct: float = 95.0
+    #: Seconds between background memory samples.
+    sample_interval_s: float = 0.5
+    #: Largest in-memory node-location index; bigger (estimated) indexes spill to a
+    #: file-backed ``sparse_file_array``. None: a quarter of the memory limit.
+    spill_threshold_mb: int | None = None
+    #: Circuit breaker: refuse PBF inputs larger than this (None: no size cap; the memory
+    #: estimate still applies).
+    max_input_mb: int | None = None
+    #: Extraction tasks allowed to run at once on one host (file-lock slots).
+    max_concurrency: int = 1
     #: ``auto`` chooses by file size vs budget; or force an osmium index name.
     node_index: str = "auto"
     #: Directory for file-backed node indexes (default: the system temp dir).
@@ -46,8 +60,21 @@ class MemsafeSettings:
             raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
         if self.memory_limit_mb is not None and self.memory_limit_mb < 64:
             raise ValueError(f"memory_limit_mb must be >= 64, not {self.memory_limit_mb}")
-        if not 0 < self.index_memory_fraction <= 1:
-            raise ValueError("index_memory_fraction must be in (0, 1]")
+        if self.min_batch_size < 1:
+            raise ValueError(f"min_batch_size must be >= 1, not {self.min_batch_size}")
+        if not 0 < self.warning_pct < self.critical_pct < self.hard_limit_pct <= 100:
+            raise ValueError(
+                "need 0 < warning_pct < critical_pct < hard_limit_pct <= 100, got "
+                f"{self.warning_pct}, {self.critical_pct}, {self.hard_limit_pct}"
+            )
+        if self.sample_interval_s <= 0:
+            raise ValueError("sample_interval_s must be > 0")
+        for name in ("spill_threshold_mb", "max_input_mb"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, not {value}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, not {self.max_concurrency}")
         if self.node_index not in _NODE_INDEXES:
             raise ValueError(
                 f"node_index must be one of {', '.join(_NODE_INDEXES)}, not {self.node_index!r}"

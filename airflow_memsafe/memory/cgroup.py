@@ -2,7 +2,8 @@
 
 Pressure is judged on the *working set* = usage − inactive file cache: page cache filled by
 reading the PBF is reclaimable and is not pressure (the kernel drops it before it kills).
-This module is the one place that reads memory numbers.
+Without a cgroup limit, the working set is this process tree's RSS and the limit is the
+machine's RAM. This module is the one place that reads memory numbers.
 """
 
 from __future__ import annotations
@@ -126,9 +127,18 @@ def read_memory() -> MemoryReading:
             stat = _stat(directory / "memory.stat")
             inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
             limit = _limit_up_the_tree(directory, "memory.limit_in_bytes")
-        if usage is not None:
+        if usage is not None and limit is not None:
             working = max(0, usage - inactive)
             return MemoryReading(usage, working, limit, rss, f"cgroup{version[1]}")
-    vm = psutil.virtual_memory()
-    used = vm.total - vm.available
-    return MemoryReading(used, used, None, rss, "psutil")
+    tree = rss + _children_rss()
+    return MemoryReading(tree, tree, None, rss, "psutil")
+
+
+def _children_rss() -> int:
+    total = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            continue
+    return total

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,10 @@ import osmium
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.errors import InvalidPbfError
 from airflow_memsafe.features import FeatureType, GeometryKind
-from airflow_memsafe.memory import PeakRss, read_memory, release_memory
+from airflow_memsafe.memory import PeakRss, release_memory
+from airflow_memsafe.memory.adaptive import PressureGuard
+from airflow_memsafe.memory.budget import plan_feature_type
+from airflow_memsafe.memory.monitor import MemoryMonitor
 from airflow_memsafe.osm.batching import MicroBatch
 from airflow_memsafe.osm.geodesy import (
     bbox_area_km2,
@@ -40,15 +43,27 @@ __all__ = [
     "choose_node_index",
     "extract_feature_type",
     "extract_feature_types",
+    "memory_monitor",
     "region_area_km2",
 ]
 
 log = logging.getLogger(__name__)
 
 OTHER_CLASS = "__other__"
-#: In-memory node index cost per byte of PBF, measured: 954 MB PBF → 2.1 GB RSS.
-_INDEX_BYTES_PER_PBF_BYTE = 2.3
 _RELATION_AREA_TYPES = ("multipolygon", "boundary")
+#: Objects between memory checks when batches fill slowly (points, sparse types).
+_CHECK_EVERY = 4096
+
+
+def memory_monitor(settings: MemsafeSettings) -> MemoryMonitor:
+    """A monitor configured from ``settings`` (not started: the engine samples itself)."""
+    return MemoryMonitor(
+        limit_mb=settings.memory_limit_mb,
+        warning_pct=settings.warning_pct,
+        critical_pct=settings.critical_pct,
+        hard_limit_pct=settings.hard_limit_pct,
+        interval_s=settings.sample_interval_s,
+    )
 
 
 @dataclass
@@ -102,19 +117,11 @@ class _Metrics:
 
 
 def choose_node_index(size_bytes: int, settings: MemsafeSettings, limit_mb: float) -> str:
-    """``flex_mem`` when its estimated size fits the budget share, else ``sparse_file_array``.
-
-    Memory: flex_mem holds all node locations in RAM (~2.3× the PBF size for extracts);
-    sparse_file_array keeps them in a temporary file (page cache, reclaimable).
-    """
-    if settings.node_index != "auto":
-        return settings.node_index
-    estimate_mb = size_bytes * _INDEX_BYTES_PER_PBF_BYTE / 2**20
-    return (
-        "flex_mem"
-        if estimate_mb <= limit_mb * settings.index_memory_fraction
-        else ("sparse_file_array")
-    )
+    """``flex_mem`` when its estimated size fits under the spill threshold, else
+    ``sparse_file_array`` (see :func:`airflow_memsafe.memory.budget.plan_feature_type`)."""
+    return plan_feature_type(
+        size_bytes, "-", settings, limit_mb=limit_mb, baseline_mb=0.0
+    ).node_index
 
 
 @contextlib.contextmanager
@@ -166,31 +173,48 @@ def extract_feature_type(
     settings: MemsafeSettings | None = None,
     *,
     region_area_km2: float | None = None,
-    on_batch: Callable[[MicroBatch[str]], None] | None = None,
+    monitor: MemoryMonitor | None = None,
 ) -> FeatureResult:
     """Read ``source`` once and compute the metrics of ``feature_type``.
 
     Memory: node-location index (in RAM or a temp file, see :func:`choose_node_index`) +
     ``batch_size`` WKB strings + the bounded reader queue; independent of feature count.
-    ``on_batch`` is called after every micro-batch (memory monitoring hooks in here).
+    ``monitor`` (default: a new one from ``settings``) is sampled between micro-batches and
+    every ``_CHECK_EVERY`` objects: batch sizes adapt to pressure and the type stops with
+    :class:`MemoryBudgetExceeded` past the hard line. The circuit breaker
+    (:func:`plan_feature_type`) refuses impossible work before reading.
     Raises :class:`InvalidPbfError` when the file turns out corrupt or truncated.
     """
     settings = settings or MemsafeSettings.resolve()
+    monitor = monitor or memory_monitor(settings)
     _configure_reader_queues(settings)
-    limit_mb = settings.memory_limit_mb or read_memory().limit_mb
-    index_kind = choose_node_index(source.size_bytes, settings, limit_mb)
+    ft = feature_type
+    before = monitor.sample()
+    plan = plan_feature_type(
+        source.size_bytes,
+        ft.name,
+        settings,
+        limit_mb=before.limit_mb,
+        baseline_mb=before.working_set_mb,
+    )
+    index_kind = plan.node_index
+    monitor.reset_peak()
     peak = PeakRss()
     started = time.perf_counter()
-
-    ft = feature_type
     metrics = _Metrics(ft, settings.max_classes)
 
     def sink(wkbs: list[str]) -> None:
         metrics.measure(wkbs)
-        if on_batch is not None:
-            on_batch(batch)
+        guard.check()
 
     batch: MicroBatch[str] = MicroBatch(sink, settings.batch_size)
+    guard = PressureGuard(
+        monitor,
+        batch,
+        feature_type=ft.name,
+        floor=min(settings.min_batch_size, settings.batch_size),
+        ceiling=settings.batch_size,
+    )
     wkb = osmium.geom.WKBFactory()
     key = ft.key
     kind = ft.geometry
@@ -201,6 +225,8 @@ def extract_feature_type(
         try:
             for obj in _processor(source, ft, locations):
                 seen += 1
+                if not seen % _CHECK_EVERY:
+                    guard.check()
                 if isinstance(obj, area_t):
                     if not obj.from_way():
                         relation_areas += 1
@@ -253,6 +279,14 @@ def extract_feature_type(
         duration_s=duration,
         peak_memory_mb=peak.peak_mb(),
         node_index=index_kind,
+        extra={
+            "working_set_before_mb": round(before.working_set_mb, 1),
+            "working_set_peak_mb": round(monitor.peak_working_set_mb, 1),
+            "limit_mb": round(before.limit_mb, 1),
+            "smallest_batch_size": guard.smallest_batch,
+            "batch_adjustments": guard.adjustments,
+            "estimated_peak_mb": round(plan.estimated_peak_mb, 1),
+        },
     )
 
 
@@ -296,9 +330,10 @@ def extract_feature_types(
     settings = settings or MemsafeSettings.resolve()
     source = path if isinstance(path, PbfSource) else open_pbf(path)
     area = region_area_km2(source, boundary_path)
+    monitor = memory_monitor(settings)
     for ft in feature_types:
         try:
-            yield extract_feature_type(source, ft, settings, region_area_km2=area)
+            yield extract_feature_type(source, ft, settings, region_area_km2=area, monitor=monitor)
         finally:
             if settings.force_gc:
                 release_memory()
