@@ -87,6 +87,28 @@ def test_example_dag_writes_8_rows_and_reruns_idempotently(
     assert roads["peak_memory_mb"] > 0 and roads["duration_s"] > 0
     assert roads["class_counts"]["footway"] > 0
 
+    # Memory snapshots: every type's stages, queryable through the views.
+    with pg_server.connect(autocommit=True) as conn:
+        by_stage = conn.execute(
+            "SELECT task_id, stage, operation, samples, peak_working_set_mb, limit_mb "
+            "FROM public.v_memory_by_stage WHERE run_id = %s",
+            (dag_run.run_id,),
+        ).fetchall()
+        timeline = conn.execute(
+            "SELECT event, elapsed_s FROM public.v_memory_timeline WHERE run_id = %s "
+            "AND task_id = 'extract_roads' ORDER BY recorded_at, id",
+            (dag_run.run_id,),
+        ).fetchall()
+    stages = {(t, st, op) for t, st, op, *_ in by_stage}
+    for name in rows:
+        assert (f"extract_{name}", "extract", name) in stages
+        assert (f"extract_{name}", "cleanup", name) in stages
+    assert all(peak > 0 and limit > 0 for *_, peak, limit in by_stage)
+    events = [e for e, _ in timeline]
+    assert events[0] == "sample" or "type_start" in events
+    assert "type_start" in events and "type_end" in events
+    assert all(b >= a for (_, a), (_, b) in zip(timeline, timeline[1:], strict=False))
+
     # Rerun of the same snapshot: replaced, not duplicated.
     dag_run2, states2 = run_dag(dag, conf)
     assert set(states2.values()) == {"success"}
@@ -169,6 +191,10 @@ def test_subclassed_operator_adds_a_type(
     assert expected > 0
     assert rows["schools"]["feature_count"] == expected
     assert rows["schools"]["class_counts"] == {"school": expected}
+    with pg_server.connect(autocommit=True) as conn:  # metrics switched off: no table
+        assert conn.execute(
+            "SELECT to_regclass(%s)", (f"{pg_schema}.pipeline_metrics",)
+        ).fetchone() == (None,)
 
 
 def test_failing_type_does_not_stop_the_others(

@@ -1,0 +1,118 @@
+"""Circuit breaker, concurrency slots and the monitor's thresholds, on real readings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MONACO
+
+from airflow_memsafe.config import MemsafeSettings
+from airflow_memsafe.features import resolve_feature_types
+from airflow_memsafe.memory.budget import InputTooLargeError, plan_feature_type
+from airflow_memsafe.memory.cgroup import read_memory
+from airflow_memsafe.memory.monitor import MemoryBudgetExceeded, MemoryLevel, MemoryMonitor
+from airflow_memsafe.memory.slots import concurrency_slot
+from airflow_memsafe.osm.extract import extract_feature_types
+
+
+def test_index_choice_follows_spill_threshold() -> None:
+    settings = MemsafeSettings()
+    small = plan_feature_type(10 * 2**20, "roads", settings, limit_mb=1024, baseline_mb=150)
+    big = plan_feature_type(1024 * 2**20, "roads", settings, limit_mb=1024, baseline_mb=150)
+    assert small.node_index == "flex_mem" and small.index_disk_mb == 0
+    assert big.node_index == "sparse_file_array" and big.index_ram_mb == 0
+    assert big.index_disk_mb == pytest.approx(2048)
+    tight = MemsafeSettings(spill_threshold_mb=1)
+    assert plan_feature_type(10 * 2**20, "r", tight, limit_mb=1024, baseline_mb=1).node_index == (
+        "sparse_file_array"
+    )
+
+
+def test_max_input_mb_refuses_before_reading() -> None:
+    settings = MemsafeSettings(max_input_mb=0)
+    with pytest.raises(InputTooLargeError, match=r"roads: input is .* over max_input_mb=0"):
+        list(extract_feature_types(MONACO, resolve_feature_types("roads"), settings))
+
+
+def test_impossible_in_memory_index_refused_with_advice() -> None:
+    # Forcing the in-memory index for a 2 GB input in a 1 GiB budget cannot work.
+    settings = MemsafeSettings(node_index="flex_mem")
+    with pytest.raises(MemoryBudgetExceeded, match="refused before start.*sparse_file_array"):
+        plan_feature_type(2048 * 2**20, "buildings", settings, limit_mb=1024, baseline_mb=150)
+
+
+def test_budget_smaller_than_the_process_refuses_real_run() -> None:
+    # memory_limit_mb below this very process's working set: refused, nothing read.
+    settings = MemsafeSettings(memory_limit_mb=64)
+    assert read_memory().working_set_mb > 64 * 0.95
+    with pytest.raises(MemoryBudgetExceeded, match="roads: refused before start"):
+        list(extract_feature_types(MONACO, resolve_feature_types("roads"), settings))
+
+
+def test_monitor_levels_callbacks_and_peak() -> None:
+    now = read_memory().working_set_mb
+    fired: dict[str, int] = {"warning": 0, "critical": 0, "sample": 0}
+    # Put the limit so that the real working set sits between critical and hard.
+    monitor = MemoryMonitor(
+        limit_mb=now / 0.92, warning_pct=80, critical_pct=90, hard_limit_pct=99.9
+    )
+    monitor.register_warning_callback(lambda s: fired.__setitem__("warning", fired["warning"] + 1))
+    monitor.register_critical_callback(
+        lambda s: fired.__setitem__("critical", fired["critical"] + 1)
+    )
+    monitor.register_sample_callback(lambda s: fired.__setitem__("sample", fired["sample"] + 1))
+    with monitor.labelled("extract", "roads"):
+        sample = monitor.sample()
+    assert sample.level == MemoryLevel.CRITICAL
+    assert (sample.stage, sample.operation) == ("extract", "roads")
+    assert fired["critical"] == 1 and fired["sample"] == 1
+    monitor.sample()  # staying critical does not fire again
+    assert fired["critical"] == 1
+    assert monitor.peak_working_set_mb >= now * 0.9
+    assert monitor.classify(85) == MemoryLevel.WARNING
+    assert monitor.classify(99.95) == MemoryLevel.EXCEEDED
+
+
+def test_background_sampler_runs_and_stops() -> None:
+    monitor = MemoryMonitor(interval_s=0.05)
+    seen: list[float] = []
+    monitor.register_sample_callback(lambda s: seen.append(s.working_set_mb))
+    with monitor:
+        time.sleep(0.5)
+    count = len(seen)
+    time.sleep(0.2)
+    assert count >= 5
+    assert len(seen) == count  # stopped
+
+
+def test_concurrency_slot_blocks_a_second_process(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from airflow_memsafe.memory.slots import concurrency_slot\n"
+            f"with concurrency_slot(1, lock_dir={str(tmp_path)!r}):\n"
+            "    print('held', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(TimeoutError, match="no extraction slot free"),
+            concurrency_slot(1, lock_dir=tmp_path, poll_s=0.05, timeout_s=0.3),
+        ):
+            pass
+        with concurrency_slot(2, lock_dir=tmp_path, timeout_s=1) as index:
+            assert index == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    # A killed holder releases its slot (flock dies with the process).
+    with concurrency_slot(1, lock_dir=tmp_path, timeout_s=2) as index:
+        assert index == 0
