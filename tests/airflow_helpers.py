@@ -27,8 +27,10 @@ def register_dag(dag: Any) -> None:
     """
     import tempfile
 
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
 
+    DagBundlesManager().sync_bundles_to_db()  # the bundle row the DAG refers to
     empty = Path(tempfile.mkdtemp(prefix="memsafe-test-dags-"))
     bag = BundleDagBag(dag_folder=empty, bundle_path=empty, bundle_name="dags-folder")
     bag.bag_dag(dag)
