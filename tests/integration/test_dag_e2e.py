@@ -171,6 +171,7 @@ def test_subclassed_operator_adds_a_type(
             snapshot="s1",
             postgres_conn_id=facts_conn_id,
             schema=pg_schema,
+            record_memory_metrics=False,
         )
         verify = FeatureRowsLandedSensor(
             task_id="verify",
