@@ -8,6 +8,8 @@ machine's RAM. This module is the one place that reads memory numbers.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,33 +114,90 @@ def _limit_up_the_tree(directory: Path, name: str) -> int | None:
     return min(limits) if limits else None
 
 
+_LIMIT_TTL_S = 5.0
+_limit_cache: dict[Path, tuple[float, int | None]] = {}
+
+
+def _cached_limit(directory: Path, name: str) -> int | None:
+    """The limit changes rarely; re-read it every few seconds, not every sample."""
+    now = time.monotonic()
+    hit = _limit_cache.get(directory)
+    if hit is None or now - hit[0] > _LIMIT_TTL_S:
+        hit = (now, _limit_up_the_tree(directory, name))
+        _limit_cache[directory] = hit
+    return hit[1]
+
+
+def _own_rss() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return int(psutil.Process().memory_info().rss)
+
+
 def read_memory() -> MemoryReading:
-    """Read the memory numbers that decide whether the kernel kills this worker."""
-    rss = psutil.Process().memory_info().rss
-    found = find_own_cgroup()
+    """Read the memory numbers that decide whether the kernel kills this worker.
+
+    Cost: ~4 small file reads (the cgroup's location is looked up once per process, its
+    limit every few seconds).
+    """
+    rss = _own_rss()
+    found = _own_cgroup()
     if found is not None:
         version, directory = found
-        if version == "v2":
-            usage = _read_int(directory / "memory.current")
-            inactive = _stat(directory / "memory.stat").get("inactive_file", 0)
-            limit = _limit_up_the_tree(directory, "memory.max")
-        else:
-            usage = _read_int(directory / "memory.usage_in_bytes")
-            stat = _stat(directory / "memory.stat")
-            inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
-            limit = _limit_up_the_tree(directory, "memory.limit_in_bytes")
-        if usage is not None and limit is not None:
-            working = max(0, usage - inactive)
-            return MemoryReading(usage, working, limit, rss, f"cgroup{version[1]}")
+        limit_file = "memory.max" if version == "v2" else "memory.limit_in_bytes"
+        limit = _cached_limit(directory, limit_file)
+        if limit is not None:
+            if version == "v2":
+                usage = _read_int(directory / "memory.current")
+                inactive = _stat(directory / "memory.stat").get("inactive_file", 0)
+            else:
+                usage = _read_int(directory / "memory.usage_in_bytes")
+                stat = _stat(directory / "memory.stat")
+                inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+            if usage is not None:
+                working = max(0, usage - inactive)
+                return MemoryReading(usage, working, limit, rss, f"cgroup{version[1]}")
     tree = rss + _children_rss()
     return MemoryReading(tree, tree, None, rss, "psutil")
 
 
+_own_cgroup_cache: dict[int, tuple[str, Path] | None] = {}
+
+
+def _own_cgroup() -> tuple[str, Path] | None:
+    """:func:`find_own_cgroup`, once per process (a process never changes group by itself)."""
+    pid = os.getpid()
+    if pid not in _own_cgroup_cache:
+        _own_cgroup_cache[pid] = find_own_cgroup()
+    return _own_cgroup_cache[pid]
+
+
 def _children_rss() -> int:
+    """RSS of all descendants, from ``/proc/<pid>/task/*/children`` (no scan of /proc:
+    ``psutil.Process.children`` reads every process on the machine, ~100 files a call)."""
+    page = os.sysconf("SC_PAGE_SIZE")
     total = 0
-    for child in psutil.Process().children(recursive=True):
+    pending = _child_pids(os.getpid())
+    while pending:
+        pid = pending.pop()
         try:
-            total += child.memory_info().rss
-        except psutil.Error:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
             continue
+        pending.extend(_child_pids(pid))
     return total
+
+
+def _child_pids(pid: int) -> list[int]:
+    pids: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return pids
+    for task in tasks:
+        try:
+            pids.extend(int(p) for p in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return pids
