@@ -7,7 +7,24 @@ __all__ = [
     "InvalidIdentifierError",
     "InvalidPbfError",
     "MemsafeError",
+    "one_line",
 ]
+
+
+def one_line(value: object, limit: int = 300) -> str:
+    """``value`` (a message or an exception) as one printable line for an error message.
+
+    Messages quote input, and input can be hostile: control characters (newlines too) are
+    escaped, bytes that are not UTF-8 replaced, and quoted text cut to ``limit`` characters.
+    A :class:`UnicodeDecodeError` stands for the message it failed to decode (pybind11
+    raises one when a libosmium message quotes bytes that are not UTF-8).
+    """
+    if isinstance(value, UnicodeDecodeError):
+        text = bytes(value.object).decode("utf-8", "replace")
+    else:
+        text = str(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class MemsafeError(Exception):

@@ -6,16 +6,39 @@ from typing import Any
 
 from airflow_memsafe.errors import MemsafeError
 
-__all__ = ["FactsDatabaseError", "connect_facts_db"]
+__all__ = [
+    "FactsConnectionNotDefined",
+    "FactsDatabaseError",
+    "aconnect_facts_db",
+    "connect_facts_db",
+]
 
 
 class FactsDatabaseError(MemsafeError):
     """The facts database cannot be reached or used; names the Airflow connection id."""
 
 
+class FactsConnectionNotDefined(FactsDatabaseError):
+    """The Airflow connection id is not defined (waiting or retrying will not help)."""
+
+
+def _not_defined(conn_id: str) -> FactsConnectionNotDefined:
+    return FactsConnectionNotDefined(
+        f"Airflow connection {conn_id!r} is not defined (set AIRFLOW_CONN_"
+        f"{conn_id.upper()} or add it in the UI)"
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def _cannot_connect(conn_id: str, exc: BaseException) -> FactsDatabaseError:
+    return FactsDatabaseError(
+        f"cannot connect to the facts database through Airflow connection {conn_id!r}: "
+        f"{_first_line(exc)}"
+    )
 
 
 def connect_facts_db(conn_id: str) -> Any:
@@ -31,15 +54,9 @@ def connect_facts_db(conn_id: str) -> Any:
     try:
         conn = PostgresHook(postgres_conn_id=conn_id).get_conn()
     except AirflowNotFoundException:
-        raise FactsDatabaseError(
-            f"Airflow connection {conn_id!r} is not defined (set AIRFLOW_CONN_"
-            f"{conn_id.upper()} or add it in the UI)"
-        ) from None
+        raise _not_defined(conn_id) from None
     except psycopg.Error as exc:
-        raise FactsDatabaseError(
-            f"cannot connect to the facts database through Airflow connection {conn_id!r}: "
-            f"{_first_line(exc)}"
-        ) from None
+        raise _cannot_connect(conn_id, exc) from None
     if not isinstance(conn, psycopg.Connection):
         raise FactsDatabaseError(
             f"connection {conn_id!r} gave a {type(conn).__module__} connection; airflow-memsafe "
@@ -49,8 +66,54 @@ def connect_facts_db(conn_id: str) -> Any:
     return conn
 
 
-def describe_db_error(conn_id: str, exc: BaseException) -> FactsDatabaseError:
-    """Wrap a psycopg error raised while using ``conn_id`` into a one-line error."""
+def psycopg_kwargs(connection: Any) -> dict[str, Any]:
+    """psycopg ``connect()`` arguments from an Airflow ``Connection``, as PostgresHook builds
+    them (host, port, login, password, schema = database, plus the extras it passes on)."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    extra = connection.extra_dejson
+    if extra.get("iam"):
+        raise FactsDatabaseError(
+            f"connection {connection.conn_id!r} uses IAM authentication, which the async "
+            "trigger does not support: use the sensor with deferrable=False"
+        )
+    kwargs: dict[str, Any] = {
+        "host": connection.host,
+        "port": connection.port,
+        "user": connection.login,
+        "password": connection.password,
+        "dbname": connection.schema,
+    }
+    kwargs.update({k: v for k, v in extra.items() if k not in PostgresHook.ignored_extra_options})
+    return {k: v for k, v in kwargs.items() if v not in (None, "")}
+
+
+async def aconnect_facts_db(conn_id: str) -> Any:
+    """An autocommit ``psycopg.AsyncConnection`` from Airflow connection ``conn_id``
+    (looked up with ``BaseHook.aget_connection``: usable in the triggerer's event loop).
+
+    Raises :class:`FactsDatabaseError` naming ``conn_id`` like :func:`connect_facts_db`.
+    """
+    import psycopg
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk import BaseHook
+
+    try:
+        connection = await BaseHook.aget_connection(conn_id)
+    except AirflowNotFoundException:
+        raise _not_defined(conn_id) from None
+    try:
+        return await psycopg.AsyncConnection.connect(**psycopg_kwargs(connection), autocommit=True)
+    except psycopg.Error as exc:
+        raise _cannot_connect(conn_id, exc) from None
+
+
+def describe_db_error(
+    conn_id: str, exc: BaseException, doing: str | None = None
+) -> FactsDatabaseError:
+    """Wrap a psycopg error raised while using ``conn_id`` (``doing`` what, e.g. "creating
+    table public.facts") into a one-line error."""
+    while_ = f" while {doing}" if doing else ""
     return FactsDatabaseError(
-        f"facts database error on Airflow connection {conn_id!r}: {_first_line(exc)}"
+        f"facts database error on Airflow connection {conn_id!r}{while_}: {_first_line(exc)}"
     )
