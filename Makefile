@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint lock clean
+.PHONY: install demo stack test test-all lint lock clean bench-speed bench-memory
 
 install: $(STAMP)
 
@@ -17,15 +17,29 @@ $(STAMP): pyproject.toml constraints-py311.txt
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# The docker-compose topology for real, without Docker: PostgreSQL, Redis, Airflow (Celery,
+# worker in a 1 GiB memory cgroup; needs root). `make stack PBF=big.osm.pbf STACK_ARGS=...`
+stack: $(STAMP)
+	$(BIN)/python scripts/stack.py $(if $(PBF),--pbf $(PBF)) $(STACK_ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest tests --runslow
 
+# The full memory benchmark (0.5 MB .. 1.1 GB, ours vs naive vs pyrosm vs QuackOSM, 1 GiB
+# cgroups, ~1 h); writes benchmarks/results/memory_scaling.{md,png,json}. Needs root.
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/memory_scaling.py
+
+bench-speed: $(STAMP)
+	$(BIN)/python benchmarks/speed.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check airflow_memsafe dags tests benchmarks scripts
 	$(BIN)/ruff format --check airflow_memsafe dags tests benchmarks scripts
+	$(BIN)/mypy
 
 # Re-pin after changing dependencies: resolves into a scratch venv and writes the lock file.
 lock:
@@ -35,4 +49,4 @@ lock:
 	  /tmp/memsafe-lock/bin/pip freeze --exclude airflow-memsafe; } > constraints-py311.txt
 
 clean:
-	rm -rf $(VENV) .airflow .pgdata build dist *.egg-info
+	rm -rf $(VENV) .airflow .pgdata .stack build dist *.egg-info

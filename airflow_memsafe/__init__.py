@@ -22,7 +22,10 @@ __all__ = [
     "FeatureRowsLandedSensor",
     "FeatureType",
     "GeometryKind",
+    "OsmFactsExportOperator",
     "OsmFeatureExtractOperator",
+    "OsmRegionsExtractOperator",
+    "RegionRowsLandedSensor",
     "__version__",
     "register_feature_type",
 ]
@@ -30,10 +33,16 @@ __all__ = [
 _LAZY = {
     "OsmFeatureExtractOperator": "airflow_memsafe.operators.extract",
     "FeatureRowsLandedSensor": "airflow_memsafe.sensors.rows_landed",
+    "OsmRegionsExtractOperator": "airflow_memsafe.operators.regions",
+    "RegionRowsLandedSensor": "airflow_memsafe.sensors.region_rows",
+    "OsmFactsExportOperator": "airflow_memsafe.operators.export",
 }
 
 if TYPE_CHECKING:
+    from airflow_memsafe.operators.export import OsmFactsExportOperator
     from airflow_memsafe.operators.extract import OsmFeatureExtractOperator
+    from airflow_memsafe.operators.regions import OsmRegionsExtractOperator
+    from airflow_memsafe.sensors.region_rows import RegionRowsLandedSensor
     from airflow_memsafe.sensors.rows_landed import FeatureRowsLandedSensor
 
 

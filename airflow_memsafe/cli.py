@@ -6,13 +6,13 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.errors import MemsafeError
 from airflow_memsafe.features import resolve_feature_types
-from airflow_memsafe.osm.extract import extract_feature_types
+from airflow_memsafe.osm.extract import FeatureResult, extract_feature_types
 from airflow_memsafe.storage.identifiers import validate_region_id
 
 __all__ = ["main"]
@@ -28,8 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     ext = sub.add_parser("extract", help="metrics per feature type of a PBF file")
     ext.add_argument("pbf", help="OSM PBF file")
     ext.add_argument("--types", help="comma-separated feature types (default: all built-ins)")
-    ext.add_argument("--region-id", default="region", help="region id to label the output")
+    ext.add_argument("--region-id", help="region id to label the output (default: region)")
     ext.add_argument("--boundary", help="GeoJSON polygon giving the region's area")
+    ext.add_argument(
+        "--regions",
+        help="GeoJSON FeatureCollection of region polygons: one output per (region, type), "
+        "all regions in one pass per type",
+    )
+    ext.add_argument(
+        "--regions-id-property", default="id", help="property holding each region's id"
+    )
     ext.add_argument("--batch-size", type=int, help="objects per micro-batch")
     ext.add_argument("--memory-limit-mb", type=int, help="memory budget (default: cgroup)")
     ext.add_argument(
@@ -43,11 +51,61 @@ def _parser() -> argparse.ArgumentParser:
     tile.add_argument("src", help="source PBF")
     tile.add_argument("out", help="output PBF")
     tile.add_argument("--copies", type=int, required=True, help="number of copies (>= 1)")
+    _export_parser(sub)
     return parser
 
 
+def _export_parser(sub: Any) -> None:
+    from airflow_memsafe.storage.export import DEFAULT_CHUNK_SIZE, FORMATS, TABLES
+
+    exp = sub.add_parser(
+        "export",
+        help="stream the fact table (or pipeline_metrics) to CSV or Parquet, chunk by chunk",
+    )
+    exp.add_argument("--format", choices=FORMATS, required=True, help="output format")
+    exp.add_argument("--out", required=True, help="output file (written when complete)")
+    exp.add_argument("--table", choices=TABLES, default="facts", help="what to export")
+    exp.add_argument("--region-id", help="only this region (facts)")
+    exp.add_argument("--snapshot", help="only this snapshot (facts)")
+    exp.add_argument("--dag-id", help="only rows written by this DAG")
+    exp.add_argument("--run-id", help="only rows written by this DAG run")
+    exp.add_argument("--schema", default="public", help="schema of the tables")
+    exp.add_argument(
+        "--fact-table", default="fact_geo_region_features", help="name of the fact table"
+    )
+    db = exp.add_mutually_exclusive_group(required=True)
+    db.add_argument("--dsn", help="libpq connection string or postgresql:// URI")
+    db.add_argument("--conn-id", help="Airflow connection id (uses PostgresHook)")
+    exp.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"rows per fetch and per Parquet row group (default {DEFAULT_CHUNK_SIZE})",
+    )
+
+
+def _results(
+    args: argparse.Namespace, types: list[Any], settings: MemsafeSettings
+) -> Iterator[tuple[str, FeatureResult]]:
+    """(region id, result) per type, or per type and region with ``--regions``."""
+    if not args.regions:
+        region_id = validate_region_id(args.region_id or "region")
+        for result in extract_feature_types(args.pbf, types, settings, boundary_path=args.boundary):
+            yield region_id, result
+        return
+    if args.region_id or args.boundary:
+        raise ValueError(
+            "--regions takes the ids and areas from the regions file: drop "
+            "--region-id and --boundary"
+        )
+    from airflow_memsafe.osm.regions import extract_regions_types, load_regions
+
+    regions = load_regions(args.regions, id_property=args.regions_id_property)
+    for regions_pass in extract_regions_types(args.pbf, types, regions, settings):
+        yield from regions_pass.rows()
+
+
 def _extract(args: argparse.Namespace) -> int:
-    region_id = validate_region_id(args.region_id)
     types = resolve_feature_types(args.types)
     settings = MemsafeSettings.resolve(
         {
@@ -57,7 +115,7 @@ def _extract(args: argparse.Namespace) -> int:
         }
     )
     results: list[dict[str, Any]] = []
-    for result in extract_feature_types(args.pbf, types, settings, boundary_path=args.boundary):
+    for region_id, result in _results(args, types, settings):
         row = {"region_id": region_id, **result.to_dict()}
         row.pop("extra", None)
         results.append(row)
@@ -70,6 +128,7 @@ def _extract(args: argparse.Namespace) -> int:
                 else "-"
             )
             print(
+                f"{region_id + '  ' if args.regions else ''}"
                 f"{row['feature_type']:<12} {row['feature_count']:>10}  {metric:>16}  "
                 f"skipped {row['skipped_count']:<6} peak {row['peak_memory_mb']:.0f} MB  "
                 f"{row['duration_s']:.2f} s",
@@ -89,11 +148,50 @@ def _tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from airflow_memsafe.storage.export import export_table
+
+    if args.conn_id:
+        from airflow_memsafe.hooks import connect_facts_db
+
+        conn = connect_facts_db(args.conn_id)
+    else:
+        try:
+            conn = psycopg.connect(args.dsn)
+        except psycopg.Error as exc:
+            # Not the DSN itself in the message: it may hold a password.
+            raise ValueError(f"cannot connect with --dsn: {str(exc).strip()}") from None
+    try:
+        report = export_table(
+            conn,
+            args.out,
+            args.format,
+            args.table,
+            chunk_size=args.chunk_size,
+            schema=args.schema,
+            fact_table=args.fact_table,
+            region_id=args.region_id,
+            snapshot=args.snapshot,
+            dag_id=args.dag_id,
+            run_id=args.run_id,
+        )
+    except psycopg.Error as exc:
+        raise ValueError(f"export failed: {str(exc).strip().splitlines()[0]}") from None
+    finally:
+        conn.close()
+    print(report)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``airflow-memsafe`` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
+        if args.command == "export":
+            return _export(args)
         if args.command == "extract":
             return _extract(args)
         return _tile(args)

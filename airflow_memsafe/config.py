@@ -35,7 +35,7 @@ class MemsafeSettings:
     #: Seconds between background memory samples.
     sample_interval_s: float = 0.5
     #: Largest in-memory node-location index; bigger (estimated) indexes spill to a
-    #: file-backed ``sparse_file_array``. None: a quarter of the memory limit.
+    #: file-backed ``sparse_file_array``. None: a quarter of the memory limit, at most 32 MB.
     spill_threshold_mb: int | None = None
     #: Circuit breaker: refuse PBF inputs larger than this (None: no size cap; the memory
     #: estimate still applies).

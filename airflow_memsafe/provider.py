@@ -29,13 +29,26 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "OpenStreetMap",
-                "python-modules": ["airflow_memsafe.operators.extract"],
+                "python-modules": [
+                    "airflow_memsafe.operators.extract",
+                    "airflow_memsafe.operators.regions",
+                    "airflow_memsafe.operators.export",
+                ],
             }
         ],
         "sensors": [
             {
                 "integration-name": "OpenStreetMap",
-                "python-modules": ["airflow_memsafe.sensors.rows_landed"],
+                "python-modules": [
+                    "airflow_memsafe.sensors.rows_landed",
+                    "airflow_memsafe.sensors.region_rows",
+                ],
+            }
+        ],
+        "triggers": [
+            {
+                "integration-name": "OpenStreetMap",
+                "python-modules": ["airflow_memsafe.triggers.rows_landed"],
             }
         ],
         "config": {

@@ -6,6 +6,12 @@ installed. Each extract task reads the PBF for one feature type, writes one row 
 that every row landed with the pushed count. Tasks run one at a time (``max_active_tasks``)
 so a 1 GiB worker holds one type's working set at once.
 
+A retried or re-triggered run skips the types whose rows already landed for the same
+snapshot from the same PBF (same SHA-256); the param ``reprocess`` recomputes them. Each
+extract task records an event on the fact table's Asset (``postgres://host:port/db/schema/
+table``, from ``MEMSAFE_FACTS_HOST`` / ``_PORT`` / ``_DB`` / ``_SCHEMA``, see
+``osm_features_consumer``), which DAGs scheduled on it react to.
+
 Parse-time cost: no I/O, no database, no file access.
 """
 
@@ -22,12 +28,15 @@ from airflow_memsafe import (
     FeatureRowsLandedSensor,
     OsmFeatureExtractOperator,
 )
+from airflow_memsafe.assets import fact_table_asset_from_env
 
 # The Monaco sample shipped with the project (ODbL, © OpenStreetMap contributors).
 DATA_DIR = Path(os.environ.get("MEMSAFE_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
 DEFAULT_PBF = str(DATA_DIR / "monaco-2023.osm.pbf")
 TYPES = [ft.name for ft in BUILTIN_FEATURE_TYPES]
 SNAPSHOT = "{{ params.snapshot or (logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}"
+SCHEMA = os.environ.get("MEMSAFE_FACTS_SCHEMA") or "public"
+FACTS = fact_table_asset_from_env(schema=SCHEMA)
 
 with DAG(
     dag_id="osm_region_features",
@@ -43,6 +52,9 @@ with DAG(
         "region_id": Param("monaco", type="string", description="region key of the rows"),
         "snapshot": Param("", type="string", description="snapshot key; empty = run date"),
         "conn_id": Param("osm_facts", type="string", description="facts database connection"),
+        "reprocess": Param(
+            False, type="boolean", description="recompute types already landed from this file"
+        ),
     },
     doc_md=__doc__,
 ) as dag:
@@ -54,6 +66,9 @@ with DAG(
             snapshot=SNAPSHOT,
             feature_types=[name],
             postgres_conn_id="{{ params.conn_id }}",
+            schema=SCHEMA,
+            reprocess="{{ params.reprocess }}",
+            fact_asset=FACTS,
             retries=1,
         )
         for name in TYPES
@@ -65,6 +80,7 @@ with DAG(
         feature_types=TYPES,
         extract_task_ids=[t.task_id for t in extracts],
         postgres_conn_id="{{ params.conn_id }}",
+        schema=SCHEMA,
         mode="reschedule",
         poke_interval=30,
         timeout=15 * 60,

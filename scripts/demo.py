@@ -2,7 +2,8 @@
 
 Starts pgserver (data in the git-ignored ``.pgdata/``), points ``AIRFLOW_CONN_OSM_FACTS`` at
 it, runs ``airflow dags test osm_region_features`` on the Monaco sample, prints the fact
-rows and stops the server. Running it again replaces the snapshot's rows (still 8).
+rows and stops the server. Running it again finds the snapshot's rows landed from the same
+file and skips them (still 8 rows; the DAG param ``reprocess`` recomputes them).
 """
 
 from __future__ import annotations

@@ -37,6 +37,37 @@ def register_dag(dag: Any) -> None:
     sync_bag_to_db(bag, "dags-folder", None)
 
 
+def new_dag(name: str, **kwargs: Any) -> Any:
+    """A DAG for a test: unique id ``<name>_<hex>``, no schedule, no catchup (``kwargs``
+    override or add DAG arguments). Use as ``with new_dag("x") as dag: ...``."""
+    import uuid
+    from datetime import datetime
+
+    from airflow.sdk import DAG
+
+    args: dict[str, Any] = {"schedule": None, "start_date": datetime(2024, 1, 1), "catchup": False}
+    return DAG(dag_id=f"{name}_{uuid.uuid4().hex[:6]}", **{**args, **kwargs})
+
+
+def monaco_extract(conn_id: str, schema: str, types: list[str], **kwargs: Any) -> Any:
+    """An ``OsmFeatureExtractOperator`` (task ``extract``) reading the Monaco sample for
+    region ``monaco``, snapshot ``s1`` into ``schema``, without memory metrics; ``kwargs``
+    override or add arguments."""
+    from airflow_memsafe import OsmFeatureExtractOperator
+
+    args: dict[str, Any] = {
+        "task_id": "extract",
+        "pbf_path": str(REPO / "data" / "monaco-2023.osm.pbf"),
+        "region_id": "monaco",
+        "snapshot": "s1",
+        "feature_types": types,
+        "postgres_conn_id": conn_id,
+        "schema": schema,
+        "record_memory_metrics": False,
+    }
+    return OsmFeatureExtractOperator(**{**args, **kwargs})
+
+
 def run_dag(dag: Any, conf: dict[str, Any] | None = None) -> tuple[Any, dict[str, str]]:
     """``dag.test()``; returns the DagRun and {task_id: state}."""
     if not dag.fileloc.startswith(str(REPO / "dags")):

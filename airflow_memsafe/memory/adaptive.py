@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from airflow_memsafe.memory.cleanup import release_memory
 from airflow_memsafe.memory.monitor import (
@@ -31,7 +32,7 @@ class PressureGuard:
     def __init__(
         self,
         monitor: MemoryMonitor,
-        batch: MicroBatch[object],
+        batch: MicroBatch[Any],
         *,
         feature_type: str,
         floor: int,

@@ -31,7 +31,14 @@ from typing import Any, BinaryIO
 
 from airflow_memsafe.memory.cgroup import find_own_cgroup
 
-__all__ = ["CgroupRun", "cgroup_available", "main", "memory_cgroup", "run_in_memory_cgroup"]
+__all__ = [
+    "CgroupRun",
+    "cgroup_available",
+    "main",
+    "memory_cgroup",
+    "run_in_memory_cgroup",
+    "start_in_memory_cgroup",
+]
 
 _MIB = 2**20
 _JOIN_FAILED = 125
@@ -52,7 +59,7 @@ class CgroupRun:
     timed_out: bool
     peak_mb: float | None  # kernel high-water mark of the group (includes page cache)
     peak_anon_mb: float | None  # sampled peak of anonymous memory (the real pressure)
-    max_rss_mb: float | None  # the command process's own peak RSS (getrusage)
+    max_rss_mb: float | None  # the command process's own peak RSS (VmHWM, sampled)
     limit_mb: int
     duration_s: float
     cgroup_version: str
@@ -249,6 +256,23 @@ def cgroup_available() -> str | None:
 # ---------------------------------------------------------------------------- run ----
 
 
+def _hwm_kb(pid: int, group: _Group) -> int:
+    """The process's own peak RSS (``VmHWM``), once it is inside the group.
+
+    Not ``getrusage``/``wait4``: ``ru_maxrss`` survives ``exec`` and so starts at the size of
+    the forking parent (a big pytest process made a 60 MB child report 438 MB). ``VmHWM``
+    belongs to the new program image; read only after the wrapper joined the group, i.e.
+    after the fork's copy of the parent is gone.
+    """
+    if pid not in group.pids():
+        return 0
+    text = _read(Path(f"/proc/{pid}/status")) or ""
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _tail(fh: BinaryIO, limit: int) -> str:
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
@@ -290,14 +314,15 @@ def run_in_memory_cgroup(
             env=dict(env) if env is not None else None,
             cwd=cwd,
         )
-        peak_anon = peak_usage = 0
+        peak_anon = peak_usage = peak_rss_kb = 0
         timed_out = False
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             peak_anon = max(peak_anon, group.anon_bytes() or 0)
             peak_usage = max(peak_usage, group.usage_bytes() or 0)
+            peak_rss_kb = max(peak_rss_kb, _hwm_kb(proc.pid, group))
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 timed_out = True
                 group.kill_all()
@@ -322,7 +347,7 @@ def run_in_memory_cgroup(
         timed_out=timed_out,
         peak_mb=None if peak is None else peak / _MIB,
         peak_anon_mb=peak_anon / _MIB if peak_anon else None,
-        max_rss_mb=usage.ru_maxrss / 1024 if usage.ru_maxrss else None,
+        max_rss_mb=peak_rss_kb / 1024 if peak_rss_kb else None,
         limit_mb=limit_mb,
         duration_s=duration,
         cgroup_version=version,
@@ -330,6 +355,58 @@ def run_in_memory_cgroup(
         stdout_tail=stdout_tail,
         stderr_tail=stderr_tail,
     )
+
+
+def start_in_memory_cgroup(
+    cmd: Sequence[str],
+    limit_mb: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stdout: Any = None,
+    stderr: Any = None,
+    start_new_session: bool = True,
+    join_timeout_s: float = 10.0,
+) -> tuple[subprocess.Popen[bytes], _Group]:
+    """Start a long-running ``cmd`` in a new memory cgroup of ``limit_mb`` MiB and return.
+
+    The non-blocking sibling of :func:`run_in_memory_cgroup` (e.g. a Celery worker whose
+    whole process tree must share the limit). Returns once the process has joined the group.
+    The caller owns both: stop the process, then call ``group.remove()``, which kills whatever
+    is left in the group and deletes it. The group's ``peak_bytes()``, ``anon_bytes()`` and
+    ``oom_kills()`` report its memory meanwhile. Raises RuntimeError when no cgroup can be
+    created or the process cannot join it (nothing is left behind then).
+    """
+    if not cmd:
+        raise ValueError("empty command")
+    group = _create_group()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        group.set_limit(int(limit_mb * _MIB))
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", _WRAPPER, str(group.procs), *cmd],
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=start_new_session,
+        )
+        deadline = time.monotonic() + join_timeout_s
+        while proc.pid not in group.pids():
+            if proc.poll() is not None:
+                if proc.returncode == _JOIN_FAILED:
+                    raise RuntimeError(f"{_JOIN_MARKER} {group.procs}")
+                break  # joined and already exited: the caller sees the return code
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{_JOIN_MARKER} {group.procs} (timed out)")
+            time.sleep(0.01)
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        group.remove()
+        raise
+    return proc, group
 
 
 # ---------------------------------------------------------------------------- CLI ----

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Asset, BaseOperator, Context
 
+from airflow_memsafe.assets import FactTableLocation, parse_fact_table_uri
 from airflow_memsafe.config import MemsafeSettings
-from airflow_memsafe.errors import FeatureExtractionFailed
+from airflow_memsafe.errors import FeatureExtractionFailed, InvalidPbfError
 from airflow_memsafe.features import FeatureType, resolve_feature_types
 from airflow_memsafe.hooks import connect_facts_db, describe_db_error
+from airflow_memsafe.lineage import ExtractLineage, operator_lineage
 from airflow_memsafe.memory import release_memory
 from airflow_memsafe.memory.monitor import MemoryMonitor, MemorySample
 from airflow_memsafe.memory.slots import concurrency_slot
@@ -40,6 +42,18 @@ def _is_template(value: Any) -> bool:
     return isinstance(value, str) and "{{" in value
 
 
+def _as_bool(value: bool | str, name: str) -> bool:
+    """A flag that may arrive as a rendered template (``"True"``, ``"false"``, ``"1"``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", "", "none"):
+        return False
+    raise ValueError(f"{name} must be a boolean, not {value!r}")
+
+
 class OsmFeatureExtractOperator(BaseOperator):
     """Extract OSM feature metrics from a PBF into ``fact_geo_region_features``.
 
@@ -64,6 +78,15 @@ class OsmFeatureExtractOperator(BaseOperator):
     :param boundary_path: optional GeoJSON polygon for the region's area (densities).
     :param allow_partial: succeed with the rows that were written when some types fail.
     :param record_memory_metrics: write memory snapshots to ``pipeline_metrics``.
+    :param reprocess: recompute every type (templated). By default a type whose row already
+        landed for this region and snapshot **from the same source file** (``source_sha256``)
+        is skipped — a retry or re-trigger resumes where it stopped; its XCom count is read
+        from the row.
+    :param fact_asset: the fact table as an ``Asset`` (or its URI
+        ``postgres://host:port/database/schema/table``, see
+        :mod:`airflow_memsafe.assets`), added to the task's outlets: a successful run records
+        an asset event (extra: region_id, snapshot, counts, postgres_conn_id) that DAGs
+        scheduled on the Asset react to. Its schema and table must be this operator's.
     :param batch_size, memory_limit_mb, warning_pct, critical_pct, hard_limit_pct,
         spill_threshold_mb, max_input_mb, max_concurrency, node_index, force_gc: engine
         settings, see :class:`airflow_memsafe.config.MemsafeSettings`; None defers to the
@@ -77,6 +100,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         "feature_types",
         "boundary_path",
         "postgres_conn_id",
+        "reprocess",
     )
     ui_color = "#cfe8d5"
 
@@ -106,8 +130,16 @@ class OsmFeatureExtractOperator(BaseOperator):
         max_concurrency: int | None = None,
         node_index: str | None = None,
         force_gc: bool | None = None,
+        reprocess: bool | str = False,
+        fact_asset: Asset | str | None = None,
         **kwargs: Any,
     ) -> None:
+        self.fact_table = FactTable(schema, table)  # validates the identifiers, no I/O
+        self.fact_asset = self._check_asset(fact_asset)
+        if self.fact_asset is not None:
+            outlets = kwargs.pop("outlets", None) or []
+            outlets = list(outlets) if isinstance(outlets, list | tuple) else [outlets]
+            kwargs["outlets"] = [*outlets, self.fact_asset]
         super().__init__(**kwargs)
         self.pbf_path = pbf_path
         self.region_id = region_id
@@ -115,7 +147,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         self.feature_types = feature_types
         self.postgres_conn_id = postgres_conn_id
         self.schema = schema
-        self.fact_table = FactTable(schema, table)  # validates the identifiers, no I/O
+        self.reprocess = reprocess
         self.boundary_path = boundary_path
         self.allow_partial = allow_partial
         self.record_memory_metrics = record_memory_metrics
@@ -132,6 +164,7 @@ class OsmFeatureExtractOperator(BaseOperator):
             "force_gc": force_gc,
         }
         self._conn: Any = None
+        self._lineage: ExtractLineage | None = None  # for OpenLineage, set by execute()
         # Fail at DAG parse time for what is already known: unknown or duplicate types,
         # a malformed region id, impossible settings.
         if not _is_template(feature_types) and not (
@@ -141,6 +174,26 @@ class OsmFeatureExtractOperator(BaseOperator):
         if not _is_template(region_id):
             validate_region_id(region_id)
         MemsafeSettings.resolve(self.setting_overrides, lookup=lambda _name: None)
+
+    def _check_asset(self, asset: Asset | str | None) -> Asset | None:
+        """The outlet Asset, checked to name this operator's schema and table (parse time)."""
+        if asset is None:
+            return None
+        if isinstance(asset, str):  # canonical form, as fact_table_asset() builds it
+            asset = Asset(uri=parse_fact_table_uri(asset).uri)
+        where = parse_fact_table_uri(asset.uri)
+        if (where.schema, where.table) != (self.fact_table.schema, self.fact_table.table):
+            raise ValueError(
+                f"fact_asset {asset.uri!r} names table {where.schema}.{where.table}, but this "
+                f"operator writes {self.fact_table.qualified_name}"
+            )
+        return asset
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: input the PBF (namespace ``file``), output the fact table
+        (``postgres://host:port``, ``database.schema.table``) with the number of rows this
+        run wrote. None when ``apache-airflow-providers-openlineage`` is not installed."""
+        return operator_lineage(self._lineage)
 
     def _types(self) -> list[FeatureType]:
         own = [self.feature_type] if self.feature_type is not None else []
@@ -153,6 +206,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         region_id = validate_region_id(self.region_id)
         snapshot = validate_snapshot(self.snapshot)
         settings = MemsafeSettings.resolve(self.setting_overrides, _airflow_conf_lookup)
+        reprocess = _as_bool(self.reprocess, "reprocess")
         ti = context["ti"]
         monitor = memory_monitor(settings)
         sink = self._metrics_sink(ti, monitor) if self.record_memory_metrics else None
@@ -162,7 +216,7 @@ class OsmFeatureExtractOperator(BaseOperator):
             with concurrency_slot(settings.max_concurrency), monitor:
                 with monitor.labelled("setup"):
                     source = open_pbf(self.pbf_path)
-                    area_km2 = region_area_km2(source, self.boundary_path)
+                    area_km2 = self._prepare(source)
                     lineage = Lineage(
                         source_file=source.name,
                         source_size_bytes=source.size_bytes,
@@ -185,8 +239,12 @@ class OsmFeatureExtractOperator(BaseOperator):
                         monitor.last.reading.source if monitor.last else "?",
                     )
                     self._conn = connect_facts_db(self.postgres_conn_id)
+                    if sink is not None:
+                        sink.held = False
                 try:
                     self._ensure_table()
+                    location = self._check_connection_matches_asset()
+                    landed = {} if reprocess else self._landed(region_id, snapshot, source.sha256)
                     counts, failed = self._run_types(
                         types,
                         source,
@@ -197,6 +255,7 @@ class OsmFeatureExtractOperator(BaseOperator):
                         region_id,
                         snapshot,
                         lineage,
+                        landed,
                     )
                 finally:
                     self._conn.close()
@@ -204,11 +263,20 @@ class OsmFeatureExtractOperator(BaseOperator):
             if sink is not None:
                 sink.close()
 
+        resumed = sorted(set(counts) & set(landed))
+        self._lineage = ExtractLineage(
+            pbf_path=str(source.path),
+            pbf_size_bytes=source.size_bytes,
+            pbf_sha256=source.sha256,
+            output=location,
+            rows_written=len(counts) - len(resumed),
+        )
         payload = {
             "region_id": region_id,
             "snapshot": snapshot,
             "counts": counts,
             "failed": sorted(failed),
+            "resumed": resumed,
         }
         size = len(json.dumps(payload).encode())
         if size > MAX_XCOM_BYTES:
@@ -219,6 +287,14 @@ class OsmFeatureExtractOperator(BaseOperator):
                 ti.xcom_push(key="return_value", value=payload)
                 raise error
             self.log.warning("allow_partial: succeeding despite %s", error)
+        if self.fact_asset is not None:  # the asset event the scheduler hands to consumers
+            extra: dict[str, Any] = {
+                "region_id": region_id,
+                "snapshot": snapshot,
+                "counts": counts,
+                "postgres_conn_id": self.postgres_conn_id,
+            }
+            context["outlet_events"][self.fact_asset].extra = extra
         return payload
 
     def _metrics_sink(self, ti: Any, monitor: MemoryMonitor) -> MetricsSink:
@@ -229,6 +305,7 @@ class OsmFeatureExtractOperator(BaseOperator):
             run_id=ti.run_id,
             task_id=ti.task_id,
         )
+        sink.held = True  # until the task's own connection worked
         monitor.register_sample_callback(sink.on_sample)
         return sink
 
@@ -249,7 +326,69 @@ class OsmFeatureExtractOperator(BaseOperator):
         try:
             self.fact_table.ensure(self._conn)
         except psycopg.Error as exc:
-            raise describe_db_error(self.postgres_conn_id, exc) from None
+            doing = f"creating table {self.fact_table.qualified_name}"
+            raise describe_db_error(self.postgres_conn_id, exc, doing) from None
+
+    def _check_connection_matches_asset(self) -> FactTableLocation:
+        """Where the rows really go; warns when ``fact_asset`` names another database."""
+        location = FactTableLocation.of_connection(
+            self._conn, self.fact_table.schema, self.fact_table.table
+        )
+        if self.fact_asset is not None and parse_fact_table_uri(self.fact_asset.uri) != (
+            parse_fact_table_uri(location.uri)
+        ):
+            self.log.warning(
+                "fact_asset %s does not name the database of connection %r (%s): consumers "
+                "scheduled on the asset are triggered, but it points elsewhere",
+                self.fact_asset.uri,
+                self.postgres_conn_id,
+                location.uri,
+            )
+        return location
+
+    def _landed(self, region_id: str, snapshot: str, source_sha256: str | None) -> dict[str, int]:
+        """Counts of the rows already written for this region, snapshot and input file."""
+        import psycopg
+
+        if source_sha256 is None:
+            return {}
+        try:
+            return self.fact_table.counts(self._conn, region_id, snapshot, source_sha256)
+        except psycopg.Error as exc:
+            doing = f"reading the rows already in {self.fact_table.qualified_name}"
+            raise describe_db_error(self.postgres_conn_id, exc, doing) from None
+
+    def _prepare(self, source: Any) -> float | None:
+        """Per-task preparation once the PBF is open; returns the area for densities.
+        A hook: the many-regions operator loads its regions here."""
+        return region_area_km2(source, self.boundary_path)
+
+    def _extract_type(
+        self,
+        ft: FeatureType,
+        source: Any,
+        settings: MemsafeSettings,
+        monitor: MemoryMonitor,
+        area_km2: float | None,
+        region_id: str,
+        snapshot: str,
+        lineage: Lineage,
+    ) -> tuple[Any, str]:
+        """Extract one type, write and commit its row: (XCom count, log summary). A hook:
+        the many-regions operator writes one row per region here. The result is freed on
+        return, before the next type."""
+        result = extract_feature_type(
+            source, ft, settings, region_area_km2=area_km2, monitor=monitor
+        )
+        with monitor.labelled("write"):
+            self._write(FactRow(region_id, snapshot, result, lineage))
+        summary = (
+            f"{result.feature_count} features ({result.skipped_count} skipped), "
+            f"{_metric_text(result)}, "
+            f"{result.objects_seen / max(result.duration_s, 1e-9):.0f} objects/s, "
+            f"node index {result.node_index}"
+        )
+        return result.feature_count, summary
 
     def _run_types(
         self,
@@ -258,42 +397,49 @@ class OsmFeatureExtractOperator(BaseOperator):
         settings: MemsafeSettings,
         monitor: MemoryMonitor,
         sink: MetricsSink | None,
-        area_km2: float,
+        area_km2: float | None,
         region_id: str,
         snapshot: str,
         lineage: Lineage,
+        landed: Mapping[str, int],
     ) -> tuple[dict[str, int], dict[str, str]]:
-        """Each type: extract, write and commit its row, free memory. Failures are isolated."""
+        """Each type: extract, write and commit its row, free memory. Failures are isolated.
+        Types in ``landed`` (rows from the same input file) are not recomputed."""
         counts: dict[str, int] = {}
         failed: dict[str, str] = {}
+        corrupt: str | None = None
         for ft in types:
+            if corrupt is not None:  # the file is broken: every later type would fail alike
+                failed[ft.name] = corrupt
+                self.log.error("%s not attempted: %s", ft.name, corrupt)
+                continue
+            if ft.name in landed:
+                counts[ft.name] = landed[ft.name]
+                self.log.info(
+                    "skipping %s: row already landed for this snapshot and source hash "
+                    "(%d features; reprocess=True recomputes it)",
+                    ft.name,
+                    landed[ft.name],
+                )
+                continue
             started = time.perf_counter()
-            result = None
             with monitor.labelled("extract", ft.name):
                 before = monitor.sample()
                 if sink is not None:
                     sink.record(before, "type_start")
                 try:
-                    result = extract_feature_type(
-                        source, ft, settings, region_area_km2=area_km2, monitor=monitor
-                    )
-                    with monitor.labelled("write"):
-                        self._write(FactRow(region_id, snapshot, result, lineage))
-                    counts[ft.name] = result.feature_count
-                    summary = (
-                        f"{result.feature_count} features ({result.skipped_count} skipped), "
-                        f"{_metric_text(result)}, "
-                        f"{result.objects_seen / max(result.duration_s, 1e-9):.0f} objects/s, "
-                        f"node index {result.node_index}"
+                    counts[ft.name], summary = self._extract_type(
+                        ft, source, settings, monitor, area_km2, region_id, snapshot, lineage
                     )
                 except Exception as exc:  # one type's failure must not stop the others
                     failed[ft.name] = f"{type(exc).__name__}: {exc}"
+                    if isinstance(exc, InvalidPbfError):
+                        corrupt = failed[ft.name]
                     self.log.error(
                         "%s failed after %.1f s: %s", ft.name, time.perf_counter() - started, exc
                     )
                 finally:
                     peak_mb = monitor.peak_working_set_mb
-                    del result  # the only reference: freed before the next type
                     with monitor.labelled("cleanup"):
                         if settings.force_gc:
                             release_memory()
@@ -315,16 +461,32 @@ class OsmFeatureExtractOperator(BaseOperator):
                 )
         return counts, failed
 
-    def _write(self, row: FactRow) -> None:
-        """Upsert and commit one row; reconnects when the connection was lost meanwhile."""
+    def _write(self, row: FactRow | Sequence[FactRow]) -> None:
+        """Upsert and commit one row (or one type's rows of many regions, in one
+        transaction); reconnects when the connection was lost meanwhile.
+
+        A connection dropped while idle (server restart, failover, idle timeout) is only
+        noticed when used, so a write that fails on a broken connection is retried once on a
+        new one: the upsert is one transaction (nothing or all of it committed) and
+        idempotent, so writing again can never leave a partial or duplicated row.
+        """
         import psycopg
 
-        if self._conn.closed or self._conn.broken:
-            self._conn = connect_facts_db(self.postgres_conn_id)
-        try:
-            self.fact_table.upsert(self._conn, row)
-        except psycopg.Error as exc:
-            raise describe_db_error(self.postgres_conn_id, exc) from None
+        rows = [row] if isinstance(row, FactRow) else list(row)
+        for attempt in (1, 2):
+            if self._conn.closed or self._conn.broken:
+                self._conn = connect_facts_db(self.postgres_conn_id)
+            try:
+                self.fact_table.upsert_many(self._conn, rows)
+                return
+            except psycopg.Error as exc:
+                if attempt == 1 and self._conn.broken:
+                    lost = describe_db_error(self.postgres_conn_id, exc)
+                    self.log.warning(
+                        "%s; reconnecting and writing %s again", lost, rows[0].result.feature_type
+                    )
+                    continue
+                raise describe_db_error(self.postgres_conn_id, exc) from None
 
 
 def _metric_text(result: Any) -> str:

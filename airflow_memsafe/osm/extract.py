@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import osmium
 
 from airflow_memsafe.config import MemsafeSettings
-from airflow_memsafe.errors import InvalidPbfError
+from airflow_memsafe.errors import InvalidPbfError, one_line
 from airflow_memsafe.features import FeatureType, GeometryKind
 from airflow_memsafe.memory import PeakRss, release_memory
 from airflow_memsafe.memory.adaptive import PressureGuard
@@ -35,16 +34,21 @@ from airflow_memsafe.osm.geodesy import (
     geodesic_lengths_m,
     geometries_from_wkb,
 )
+from airflow_memsafe.osm.scratch import node_index_dir
 from airflow_memsafe.osm.source import PbfSource, boundary_area_km2, open_pbf, pbf_file
 
 __all__ = [
+    "NO_WKB",
     "OTHER_CLASS",
+    "Feature",
     "FeatureResult",
+    "StreamStats",
     "choose_node_index",
     "extract_feature_type",
     "extract_feature_types",
     "memory_monitor",
     "region_area_km2",
+    "stream_feature_type",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,14 +93,22 @@ class FeatureResult:
         return asdict(self)
 
 
+#: One selected feature in a micro-batch: (WKB hex or ``NO_WKB``, value of the type's key).
+Feature = tuple[str, str]
+#: Stands for "no geometry built": point features counted where they are read.
+NO_WKB = ""
+
+
 class _Metrics:
-    """Running sums for one feature type; fed per object (counts) and per batch (geometry)."""
+    """Running sums for one feature type over one region; fed one micro-batch at a time."""
+
+    #: Point features are only counted here: no geometry is built for them.
+    point_geometry = False
 
     def __init__(self, feature_type: FeatureType, max_classes: int) -> None:
         self.ft = feature_type
         self.max_classes = max_classes
         self.count = 0
-        self.skipped = 0
         self.length_m = 0.0
         self.area_m2 = 0.0
         self.classes: Counter[str] = Counter()
@@ -107,13 +119,30 @@ class _Metrics:
         else:
             self.classes[OTHER_CLASS] += 1
 
-    def measure(self, wkbs: list[str]) -> None:
+    def measure(self, batch: list[Feature]) -> None:
         """Sink of the micro-batch: one vectorised call per batch."""
-        geoms = geometries_from_wkb(wkbs)
+        self.count += len(batch)
+        for _, value in batch:
+            self.add_class(value)
+        if self.ft.geometry is GeometryKind.POINT:
+            return
+        geoms = geometries_from_wkb([wkb for wkb, _ in batch])
         if self.ft.geometry is GeometryKind.LINE:
             self.length_m += float(geodesic_lengths_m(geoms).sum())
-        elif self.ft.geometry is GeometryKind.AREA:
+        else:
             self.area_m2 += float(geodesic_areas_m2(geoms).sum())
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What one streaming pass observed besides the sums its sink kept."""
+
+    objects_seen: int
+    skipped_count: int
+    duration_s: float
+    peak_memory_mb: float
+    node_index: str
+    extra: dict[str, Any]
 
 
 def choose_node_index(size_bytes: int, settings: MemsafeSettings, limit_mb: float) -> str:
@@ -134,7 +163,7 @@ def _node_locations(kind: str, settings: MemsafeSettings) -> Iterator[Any]:
         finally:
             del table
         return
-    with tempfile.TemporaryDirectory(prefix="memsafe-nodes-", dir=settings.index_dir) as tmp:
+    with node_index_dir(settings.index_dir) as tmp:  # also clears dirs of killed tasks
         table = osmium.index.create_map(f"sparse_file_array,{Path(tmp) / 'nodes.idx'}")
         try:
             yield table
@@ -146,6 +175,16 @@ def _configure_reader_queues(settings: MemsafeSettings) -> None:
     # libosmium reads these when a Reader is constructed (DESIGN.md, measured facts).
     os.environ["OSMIUM_MAX_OSMDATA_QUEUE_SIZE"] = str(settings.osmdata_queue_size)
     os.environ["OSMIUM_MAX_INPUT_QUEUE_SIZE"] = str(settings.input_queue_size)
+
+
+def _tag(obj: Any, key: str) -> str:
+    """The value of tag ``key`` ("" if absent). A value that is not valid UTF-8 (possible in
+    a PBF, never from the OSM API) is read with U+FFFD for the bad bytes instead of failing
+    the whole type: pyosmium raises on decoding it, and the error holds the raw bytes."""
+    try:
+        return obj.tags.get(key, "")
+    except UnicodeDecodeError as exc:
+        return bytes(exc.object).decode("utf-8", "replace")
 
 
 def _tag_filter(ft: FeatureType) -> Any:
@@ -161,32 +200,39 @@ def _processor(source: PbfSource, ft: FeatureType, locations: Any) -> osmium.Fil
         entities = osmium.osm.WAY
     else:
         fp = fp.with_areas(_tag_filter(ft))
-        entities = osmium.osm.AREA | osmium.osm.RELATION
+        # Matching ways pass too (the caller skips them): pyosmium hands out the assembled
+        # areas only after the main reader yields an object, so with ways filtered out every
+        # area of the file piled up until the first relation — 200 MB anon for buildings on a
+        # 150 MB PBF, linear in file size. A yielded way drains that buffer (measured: 28 MB).
+        entities = osmium.osm.AREA | osmium.osm.RELATION | osmium.osm.WAY
         if ft.geometry is GeometryKind.POINT:
             entities |= osmium.osm.NODE
     return fp.with_filter(_tag_filter(ft)).with_filter(osmium.filter.EntityFilter(entities))
 
 
-def extract_feature_type(
+def stream_feature_type(
     source: PbfSource,
     feature_type: FeatureType,
-    settings: MemsafeSettings | None = None,
+    settings: MemsafeSettings,
+    monitor: MemoryMonitor,
+    sink: Callable[[list[Feature]], None],
     *,
-    region_area_km2: float | None = None,
-    monitor: MemoryMonitor | None = None,
-) -> FeatureResult:
-    """Read ``source`` once and compute the metrics of ``feature_type``.
+    point_geometry: bool = False,
+) -> StreamStats:
+    """Read ``source`` once and hand every selected feature of ``feature_type`` to ``sink``
+    in micro-batches of ``(wkb, class value)``: the one streaming loop of the engine.
+
+    Lines come as linestring WKB, areas as multipolygon WKB; point features as ``NO_WKB``
+    unless ``point_geometry`` (then nodes as point WKB and areas as multipolygon WKB).
+    Objects whose geometry cannot be built are counted in ``skipped_count``, never passed on.
 
     Memory: node-location index (in RAM or a temp file, see :func:`choose_node_index`) +
-    ``batch_size`` WKB strings + the bounded reader queue; independent of feature count.
-    ``monitor`` (default: a new one from ``settings``) is sampled between micro-batches and
-    every ``_CHECK_EVERY`` objects: batch sizes adapt to pressure and the type stops with
-    :class:`MemoryBudgetExceeded` past the hard line. The circuit breaker
-    (:func:`plan_feature_type`) refuses impossible work before reading.
-    Raises :class:`InvalidPbfError` when the file turns out corrupt or truncated.
+    ``batch_size`` features + the bounded reader queue; independent of feature count.
+    ``monitor`` is sampled between micro-batches and every ``_CHECK_EVERY`` objects: batch
+    sizes adapt to pressure and the type stops with :class:`MemoryBudgetExceeded` past the
+    hard line. The circuit breaker (:func:`plan_feature_type`) refuses impossible work before
+    reading. Raises :class:`InvalidPbfError` when the file turns out corrupt or truncated.
     """
-    settings = settings or MemsafeSettings.resolve()
-    monitor = monitor or memory_monitor(settings)
     _configure_reader_queues(settings)
     ft = feature_type
     before = monitor.sample()
@@ -201,13 +247,12 @@ def extract_feature_type(
     monitor.reset_peak()
     peak = PeakRss()
     started = time.perf_counter()
-    metrics = _Metrics(ft, settings.max_classes)
 
-    def sink(wkbs: list[str]) -> None:
-        metrics.measure(wkbs)
+    def measure(features: list[Feature]) -> None:
+        sink(features)
         guard.check()
 
-    batch: MicroBatch[str] = MicroBatch(sink, settings.batch_size)
+    batch: MicroBatch[Feature] = MicroBatch(measure, settings.batch_size)
     guard = PressureGuard(
         monitor,
         batch,
@@ -217,8 +262,8 @@ def extract_feature_type(
     )
     wkb = osmium.geom.WKBFactory()
     key = ft.key
-    kind = ft.geometry
-    seen = relation_candidates = relation_areas = 0
+    count_only = ft.geometry is GeometryKind.POINT and not point_geometry
+    seen = skipped = relation_candidates = relation_areas = 0
     node_t, way_t, area_t = osmium.osm.Node, osmium.osm.Way, osmium.osm.Area
 
     with _node_locations(index_kind, settings) as locations:
@@ -227,56 +272,48 @@ def extract_feature_type(
                 seen += 1
                 if not seen % _CHECK_EVERY:
                     guard.check()
+                geom: str | None
                 if isinstance(obj, area_t):
                     if not obj.from_way():
                         relation_areas += 1
-                    if kind is GeometryKind.POINT:
-                        ok = obj.num_rings()[0] > 0
+                    if count_only:
+                        geom = NO_WKB if obj.num_rings()[0] > 0 else None
                     else:
                         try:
-                            batch.append(wkb.create_multipolygon(obj))
-                            ok = True
+                            geom = wkb.create_multipolygon(obj)
                         except RuntimeError:  # no rings: broken or clipped
-                            ok = False
+                            geom = None
                 elif isinstance(obj, way_t):
+                    if ft.geometry is not GeometryKind.LINE:
+                        continue  # passed only to drain the area buffer (see _processor)
                     try:
-                        batch.append(wkb.create_linestring(obj))
-                        ok = True
+                        geom = wkb.create_linestring(obj)
                     except (osmium.InvalidLocationError, RuntimeError):
-                        ok = False  # node outside the extract, or < 2 distinct points
+                        geom = None  # node outside the extract, or < 2 distinct points
                 elif isinstance(obj, node_t):
-                    ok = True
+                    try:
+                        geom = NO_WKB if count_only else wkb.create_point(obj)
+                    except (osmium.InvalidLocationError, RuntimeError):
+                        geom = None
                 else:  # a relation that should become an area; counted to find failures
-                    if obj.tags.get("type") in _RELATION_AREA_TYPES:
+                    if _tag(obj, "type") in _RELATION_AREA_TYPES:
                         relation_candidates += 1
                     continue
-                if ok:
-                    metrics.count += 1
-                    metrics.add_class(obj.tags.get(key, ""))
+                if geom is None:
+                    skipped += 1
                 else:
-                    metrics.skipped += 1
+                    batch.append((geom, _tag(obj, key)))
             batch.flush()
-        except RuntimeError as exc:
+        except (RuntimeError, UnicodeDecodeError) as exc:  # see errors.one_line
             raise InvalidPbfError(
-                f"cannot read {source.path} while extracting {ft.name}: {exc}"
+                f"cannot read {source.path} while extracting {ft.name}: {one_line(exc)}"
             ) from None
     # Relations whose members are missing from a clipped extract never become areas.
-    metrics.skipped += max(0, relation_candidates - relation_areas)
-
-    duration = time.perf_counter() - started
-    density = metrics.count / region_area_km2 if region_area_km2 and region_area_km2 > 0 else None
-    return FeatureResult(
-        feature_type=ft.name,
-        geometry_kind=kind.value,
-        feature_count=metrics.count,
-        length_km=metrics.length_m / 1000 if kind is GeometryKind.LINE else None,
-        area_km2=metrics.area_m2 / 1e6 if kind is GeometryKind.AREA else None,
-        skipped_count=metrics.skipped,
-        class_counts=dict(metrics.classes.most_common()),
-        region_area_km2=region_area_km2,
-        density_per_km2=density,
+    skipped += max(0, relation_candidates - relation_areas)
+    return StreamStats(
         objects_seen=seen,
-        duration_s=duration,
+        skipped_count=skipped,
+        duration_s=time.perf_counter() - started,
         peak_memory_mb=peak.peak_mb(),
         node_index=index_kind,
         extra={
@@ -287,6 +324,47 @@ def extract_feature_type(
             "batch_adjustments": guard.adjustments,
             "estimated_peak_mb": round(plan.estimated_peak_mb, 1),
         },
+    )
+
+
+def extract_feature_type(
+    source: PbfSource,
+    feature_type: FeatureType,
+    settings: MemsafeSettings | None = None,
+    *,
+    region_area_km2: float | None = None,
+    monitor: MemoryMonitor | None = None,
+) -> FeatureResult:
+    """Read ``source`` once and compute the metrics of ``feature_type``.
+
+    Memory: node-location index + ``batch_size`` WKB strings + the bounded reader queue;
+    independent of feature count (see :func:`stream_feature_type`). ``monitor`` (default: a
+    new one from ``settings``) adapts batch sizes and stops the type with
+    :class:`MemoryBudgetExceeded` past the hard line.
+    Raises :class:`InvalidPbfError` when the file turns out corrupt or truncated.
+    """
+    settings = settings or MemsafeSettings.resolve()
+    monitor = monitor or memory_monitor(settings)
+    ft = feature_type
+    kind = ft.geometry
+    metrics = _Metrics(ft, settings.max_classes)
+    run = stream_feature_type(source, ft, settings, monitor, metrics.measure)
+    density = metrics.count / region_area_km2 if region_area_km2 and region_area_km2 > 0 else None
+    return FeatureResult(
+        feature_type=ft.name,
+        geometry_kind=kind.value,
+        feature_count=metrics.count,
+        length_km=metrics.length_m / 1000 if kind is GeometryKind.LINE else None,
+        area_km2=metrics.area_m2 / 1e6 if kind is GeometryKind.AREA else None,
+        skipped_count=run.skipped_count,
+        class_counts=dict(metrics.classes.most_common()),
+        region_area_km2=region_area_km2,
+        density_per_km2=density,
+        objects_seen=run.objects_seen,
+        duration_s=run.duration_s,
+        peak_memory_mb=run.peak_memory_mb,
+        node_index=run.node_index,
+        extra=run.extra,
     )
 
 
@@ -305,12 +383,12 @@ def region_area_km2(source: PbfSource, boundary_path: str | os.PathLike[str] | N
     max_lon = max_lat = float("-inf")
     try:
         for node in osmium.FileProcessor(pbf_file(source.path), osmium.osm.NODE):
-            loc = node.location
+            loc = node.location  # type: ignore[union-attr]  # NODE only: always a Node
             if loc.valid():
                 min_lon, max_lon = min(min_lon, loc.lon), max(max_lon, loc.lon)
                 min_lat, max_lat = min(min_lat, loc.lat), max(max_lat, loc.lat)
-    except RuntimeError as exc:
-        raise InvalidPbfError(f"cannot read {source.path}: {exc}") from None
+    except (RuntimeError, UnicodeDecodeError) as exc:  # see errors.one_line
+        raise InvalidPbfError(f"cannot read {source.path}: {one_line(exc)}") from None
     if min_lon > max_lon:
         return 0.0
     return bbox_area_km2(min_lon, min_lat, max_lon, max_lat)

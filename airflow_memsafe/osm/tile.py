@@ -636,7 +636,7 @@ class _Packed:
         sites, i = self.sites, self.site_index
         while i < len(sites) and sites[i][0] < b:
             elem, *rest = sites[i]
-            chunk.sites.append((offset + self.starts[elem], *rest))  # type: ignore[arg-type]
+            chunk.sites.append((offset + self.starts[elem], *rest))
             i += 1
         self.site_index = i
         chunk.raw(self.data[lo:hi])

@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context
 from airflow.sdk.exceptions import AirflowSensorTimeout
 
-from airflow_memsafe.hooks import connect_facts_db
+from airflow_memsafe.hooks import FactsDatabaseError, connect_facts_db
 from airflow_memsafe.storage import FactTable, validate_region_id, validate_snapshot
+from airflow_memsafe.storage.landed import compare_counts
 
 __all__ = ["FeatureRowsLandedSensor", "compare_counts"]
-
-
-def compare_counts(
-    expected_types: Iterable[str], xcom_counts: Mapping[str, int], row_counts: Mapping[str, int]
-) -> str | None:
-    """None when every expected type has a row whose count equals the XCom count, else
-    a one-line description naming the missing and mismatched types."""
-    missing = [t for t in expected_types if t not in row_counts]
-    no_count = [t for t in expected_types if t in row_counts and t not in xcom_counts]
-    mismatched = [
-        f"{t} (row {row_counts[t]} != XCom {xcom_counts[t]})"
-        for t in expected_types
-        if t in row_counts and t in xcom_counts and row_counts[t] != xcom_counts[t]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing rows for: {', '.join(missing)}")
-    if mismatched:
-        problems.append(f"count mismatch for: {', '.join(mismatched)}")
-    if no_count:
-        problems.append(f"no XCom count from the extract tasks for: {', '.join(no_count)}")
-    return "; ".join(problems) or None
 
 
 def _merge_xcom_counts(values: Any) -> dict[str, int]:
@@ -53,8 +34,11 @@ class FeatureRowsLandedSensor(BaseSensorOperator):
     """Wait until every expected feature type has its row for (region_id, snapshot), with
     ``feature_count`` equal to the count the extract task pushed to XCom.
 
-    Works in ``poke`` and ``reschedule`` mode. On timeout the error names the missing or
-    mismatched types.
+    Works in ``poke`` and ``reschedule`` mode, or ``deferrable=True``: after one check on the
+    worker it defers to :class:`~airflow_memsafe.triggers.rows_landed.FeatureRowsLandedTrigger`
+    (the triggerer polls with async psycopg; the worker slot is free meanwhile). The XCom
+    counts are read once, before deferring. On timeout the error names the missing or
+    mismatched types, in every mode.
 
     :param region_id: region of the rows (templated).
     :param snapshot: snapshot of the rows (templated).
@@ -62,6 +46,8 @@ class FeatureRowsLandedSensor(BaseSensorOperator):
     :param extract_task_ids: task id(s) of the extract tasks whose XCom holds the counts.
     :param postgres_conn_id: Airflow connection of the facts database.
     :param schema, table: the fact table (validated identifiers).
+    :param deferrable: wait in the triggerer instead of a worker slot (default:
+        ``[operators] default_deferrable``).
     """
 
     template_fields: Sequence[str] = ("region_id", "snapshot", "feature_types", "postgres_conn_id")
@@ -77,9 +63,20 @@ class FeatureRowsLandedSensor(BaseSensorOperator):
         postgres_conn_id: str = "postgres_default",
         schema: str = "public",
         table: str = "fact_geo_region_features",
+        deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # The trigger checks what this class's poke() checks, not what a subclass's does.
+        can_defer = type(self).poke is FeatureRowsLandedSensor.poke
+        if deferrable is None:
+            from airflow.configuration import conf
+
+            default = conf.getboolean("operators", "default_deferrable", fallback=False)
+            deferrable = default and can_defer
+        elif deferrable and not can_defer:
+            raise ValueError(f"{type(self).__name__} does not support deferrable=True")
+        self.deferrable = deferrable
         self.region_id = region_id
         self.snapshot = snapshot
         self.feature_types = feature_types
@@ -89,6 +86,7 @@ class FeatureRowsLandedSensor(BaseSensorOperator):
         self.postgres_conn_id = postgres_conn_id
         self.fact_table = FactTable(schema, table)
         self._last_problem: str | None = None
+        self._xcom_counts: dict[str, int] = {}
 
     def _expected_types(self) -> list[str]:
         types = self.feature_types
@@ -101,6 +99,7 @@ class FeatureRowsLandedSensor(BaseSensorOperator):
         xcom_counts = _merge_xcom_counts(
             context["ti"].xcom_pull(task_ids=self.extract_task_ids, key="return_value")
         )
+        self._xcom_counts = xcom_counts
         conn = connect_facts_db(self.postgres_conn_id)
         try:
             rows = self.fact_table.counts(
@@ -122,9 +121,44 @@ class FeatureRowsLandedSensor(BaseSensorOperator):
         return True
 
     def execute(self, context: Context) -> Any:
+        if self.deferrable:
+            return self._execute_deferrable(context)
         try:
             return super().execute(context)
         except AirflowSensorTimeout as exc:
             raise AirflowSensorTimeout(
                 f"{exc} Region {self.region_id}, snapshot {self.snapshot}: {self._last_problem}"
             ) from exc
+
+    def _execute_deferrable(self, context: Context) -> None:
+        from airflow_memsafe.triggers.rows_landed import FeatureRowsLandedTrigger
+
+        if self.poke(context):  # already there: no round trip through the triggerer
+            return
+        timeout_s = float(self.timeout)
+        self.defer(
+            trigger=FeatureRowsLandedTrigger(
+                postgres_conn_id=self.postgres_conn_id,
+                schema=self.fact_table.schema,
+                table=self.fact_table.table,
+                region_id=validate_region_id(self.region_id),
+                snapshot=validate_snapshot(self.snapshot),
+                expected_types=self._expected_types(),
+                xcom_counts=self._xcom_counts,
+                deadline=time.time() + timeout_s,
+                poke_interval_s=float(self.poke_interval),
+            ),
+            method_name="execute_complete",
+            # A backstop only: the trigger's own deadline comes first and names what is missing.
+            timeout=timedelta(seconds=timeout_s + 60),
+        )
+
+    def execute_complete(self, context: Context, event: Mapping[str, Any]) -> None:
+        """Resumed from the trigger: succeed, or fail naming the missing types."""
+        status, message = event.get("status"), event.get("message")
+        if status == "success":
+            self.log.info("%s", message)
+            return
+        if status == "timeout":  # the message names the table, region, snapshot and types
+            raise AirflowSensorTimeout(f"Sensor has timed out after {self.timeout} s: {message}")
+        raise FactsDatabaseError(f"Region {self.region_id}, snapshot {self.snapshot}: {message}")

@@ -8,6 +8,7 @@ a later feature type never touches rows already written.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from psycopg import sql
 
 from airflow_memsafe.osm.extract import FeatureResult
+from airflow_memsafe.storage.ddl import ensure_relations
 from airflow_memsafe.storage.identifiers import (
     validate_identifier,
     validate_region_id,
@@ -51,6 +53,15 @@ FACT_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 _KEY = ("region_id", "feature_type", "snapshot")
 _INSERTED = tuple(c for c, _ in FACT_COLUMNS if c != "loaded_at")
+
+
+def where_equal(columns: dict[str, Any]) -> tuple[sql.Composable, list[Any]]:
+    """`` WHERE a = %s AND b = %s`` for the columns whose value is not None (or nothing)."""
+    given = {name: value for name, value in columns.items() if value is not None}
+    if not given:
+        return sql.SQL(""), []
+    conditions = [sql.SQL("{} = %s").format(sql.Identifier(name)) for name in given]
+    return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions), list(given.values())
 
 
 @dataclass(frozen=True)
@@ -130,20 +141,30 @@ class FactTable:
             ),
         ]
 
-    def ensure(self, conn: Any) -> None:
-        """Create the table if missing. Serialised by an advisory lock: concurrent
-        ``CREATE TABLE IF NOT EXISTS`` can otherwise fail on the catalog's unique index."""
+    def exists(self, conn: Any) -> bool:
+        """True when the table exists (a catalog lookup: no lock, no privilege needed)."""
         with conn.transaction(), conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(%s))",
-                (f"memsafe-ddl:{self.qualified_name}",),
-            )
-            for statement in self.ddl():
-                cur.execute(statement)
+            return self._exists(cur)
+
+    def _exists(self, cur: Any) -> bool:
+        cur.execute(
+            "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+            (self.schema, self.table),
+        )
+        return bool(cur.fetchone()[0])
+
+    def ensure(self, conn: Any) -> None:
+        """Create the schema and table if missing; an existing table is used as it is
+        (see :func:`airflow_memsafe.storage.ddl.ensure_relations`)."""
+        ensure_relations(conn, self.schema, [self.table], self.ddl())
 
     def upsert(self, conn: Any, row: FactRow) -> None:
         """Insert or replace one row and commit it."""
-        values = row.values()
+        self.upsert_many(conn, [row])
+
+    def upsert_many(self, conn: Any, rows: Iterable[FactRow]) -> None:
+        """Insert or replace rows in one transaction and commit them (all or none): e.g. a
+        feature type's rows for many regions. ``rows`` is consumed lazily."""
         cols = sql.SQL(", ").join(map(sql.Identifier, _INSERTED))
         params = sql.SQL(", ").join(sql.Placeholder(c) for c in _INSERTED)
         updates = sql.SQL(", ").join(
@@ -155,31 +176,67 @@ class FactTable:
             "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}, loaded_at = now()"
         ).format(self.ident, cols, params, sql.SQL(", ").join(map(sql.Identifier, _KEY)), updates)
         with conn.transaction(), conn.cursor() as cur:
-            cur.execute(statement, values)
+            cur.executemany(statement, (row.values() for row in rows))
 
-    def counts(self, conn: Any, region_id: str, snapshot: str) -> dict[str, int]:
-        """feature_count per feature_type for one region and snapshot."""
-        query = sql.SQL(
-            "SELECT feature_type, feature_count FROM {} WHERE region_id = %s AND snapshot = %s"
-        ).format(self.ident)
+    def counts_query(
+        self, region_id: str, snapshot: str, source_sha256: str | None = None
+    ) -> tuple[sql.Composed, list[Any]]:
+        """SQL and arguments of :meth:`counts` (also run by the async trigger)."""
+        where, args = self.where(
+            validate_region_id(region_id), validate_snapshot(snapshot), source_sha256=source_sha256
+        )
+        query = sql.SQL("SELECT feature_type, feature_count FROM {}{}").format(self.ident, where)
+        return query, args
+
+    def counts(
+        self, conn: Any, region_id: str, snapshot: str, source_sha256: str | None = None
+    ) -> dict[str, int]:
+        """feature_count per feature_type for one region and snapshot; with
+        ``source_sha256``, only the rows computed from that exact input file."""
+        query, args = self.counts_query(region_id, snapshot, source_sha256)
         with conn.transaction(), conn.cursor() as cur:
-            cur.execute(query, (validate_region_id(region_id), validate_snapshot(snapshot)))
+            cur.execute(query, args)
             return {ft: int(n) for ft, n in cur.fetchall()}
+
+    def region_counts(
+        self,
+        conn: Any,
+        region_ids: Sequence[str],
+        snapshot: str,
+        feature_types: Sequence[str] | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """feature_count per (region_id, feature_type) of one snapshot, for many regions."""
+        query = sql.SQL(
+            "SELECT region_id, feature_type, feature_count FROM {} "
+            "WHERE snapshot = %s AND region_id = ANY(%s)"
+        ).format(self.ident)
+        args: list[Any] = [validate_snapshot(snapshot), [validate_region_id(r) for r in region_ids]]
+        if feature_types is not None:
+            query += sql.SQL(" AND feature_type = ANY(%s)")
+            args.append(list(feature_types))
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(query, args)
+            return {(r, ft): int(n) for r, ft, n in cur.fetchall()}
+
+    @staticmethod
+    def where(
+        region_id: str | None = None, snapshot: str | None = None, **columns: Any
+    ) -> tuple[sql.Composable, list[Any]]:
+        """`` WHERE col = %s AND …`` for the given values (None: no condition), and its
+        arguments; region id and snapshot are validated."""
+        if region_id is not None:
+            columns["region_id"] = validate_region_id(region_id)
+        if snapshot is not None:
+            columns["snapshot"] = validate_snapshot(snapshot)
+        return where_equal(columns)
 
     def rows(
         self, conn: Any, region_id: str | None = None, snapshot: str | None = None
     ) -> list[dict[str, Any]]:
         """All columns of the matching rows, as dicts (small: one row per type)."""
-        where, args = [], []
-        if region_id is not None:
-            where.append(sql.SQL("region_id = %s"))
-            args.append(validate_region_id(region_id))
-        if snapshot is not None:
-            where.append(sql.SQL("snapshot = %s"))
-            args.append(validate_snapshot(snapshot))
+        where, args = self.where(region_id, snapshot)
         query = sql.SQL("SELECT * FROM {}{} ORDER BY region_id, snapshot, feature_type").format(
-            self.ident,
-            sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+            self.ident, where
         )
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(query, args)

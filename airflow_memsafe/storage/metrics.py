@@ -18,6 +18,7 @@ from typing import Any
 from psycopg import sql
 
 from airflow_memsafe.memory.monitor import MemoryLevel, MemorySample
+from airflow_memsafe.storage.ddl import ensure_relations
 from airflow_memsafe.storage.identifiers import validate_identifier
 
 __all__ = ["METRICS_COLUMNS", "MetricsSink", "MetricsTable"]
@@ -97,14 +98,14 @@ class MetricsTable:
         ]
 
     def ensure(self, conn: Any) -> None:
-        """Create table and views if missing (serialised by an advisory lock)."""
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(%s))",
-                (f"memsafe-ddl:{self.schema}.metrics",),
-            )
-            for statement in self.ddl():
-                cur.execute(statement)
+        """Create table and views if missing; existing ones are used as they are
+        (see :func:`airflow_memsafe.storage.ddl.ensure_relations`)."""
+        ensure_relations(
+            conn,
+            self.schema,
+            [METRICS_TABLE, "v_memory_by_stage", "v_memory_timeline"],
+            self.ddl(),
+        )
 
     def insert(self, conn: Any, rows: list[dict[str, Any]]) -> None:
         statement = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
@@ -151,6 +152,10 @@ class MetricsSink:
         self._last_flush_at = time.monotonic()
         self._last_level = MemoryLevel.OK
         self.enabled = True
+        #: While held, rows are buffered but not written: the operator releases the sink
+        #: once its own connection to the facts database worked, so a database that is down
+        #: is reported once, by the task, not first by a metrics warning.
+        self.held = False
         self.written = 0
         self.dropped = 0
 
@@ -197,7 +202,7 @@ class MetricsSink:
 
     def flush(self) -> None:
         """Write what is buffered (from whichever thread calls)."""
-        if not self.enabled:
+        if not self.enabled or self.held:
             return
         with self._write_lock:
             with self._lock:
@@ -218,6 +223,7 @@ class MetricsSink:
                 )
 
     def close(self) -> None:
+        """Write what is left (nothing when still held) and close the connection."""
         self.flush()
         if self._conn is not None:
             try:
