@@ -113,17 +113,18 @@ class _Metrics:
         self.area_m2 = 0.0
         self.classes: Counter[str] = Counter()
 
-    def add_class(self, value: str) -> None:
-        if value in self.classes or len(self.classes) < self.max_classes:
-            self.classes[value] += 1
-        else:
-            self.classes[OTHER_CLASS] += 1
+    def add_classes(self, values: Iterable[str]) -> None:
+        """Count values, keeping at most ``max_classes`` distinct ones (first seen first)."""
+        for value, n in Counter(values).items():
+            if value in self.classes or len(self.classes) < self.max_classes:
+                self.classes[value] += n
+            else:
+                self.classes[OTHER_CLASS] += n
 
     def measure(self, batch: list[Feature]) -> None:
         """Sink of the micro-batch: one vectorised call per batch."""
         self.count += len(batch)
-        for _, value in batch:
-            self.add_class(value)
+        self.add_classes(value for _, value in batch)
         if self.ft.geometry is GeometryKind.POINT:
             return
         geoms = geometries_from_wkb([wkb for wkb, _ in batch])
@@ -210,6 +211,36 @@ def _processor(source: PbfSource, ft: FeatureType, locations: Any) -> osmium.Fil
     return fp.with_filter(_tag_filter(ft)).with_filter(osmium.filter.EntityFilter(entities))
 
 
+def _stream_lines(
+    objects: Iterable[Any],
+    key: str,
+    append: Callable[[Feature], None],
+    check: Callable[[], object],
+) -> tuple[int, int]:
+    """The line loop: linestring WKB + class value per way; returns (seen, skipped).
+
+    About a third cheaper per way than the general loop (no type dispatch, bound methods).
+    """
+    make_line = osmium.geom.WKBFactory().create_linestring
+    bad_geometry = (osmium.InvalidLocationError, RuntimeError)
+    seen = skipped = 0
+    for way in objects:
+        seen += 1
+        if not seen % _CHECK_EVERY:
+            check()
+        try:
+            geom = make_line(way)
+        except bad_geometry:  # node outside the extract, or < 2 distinct points
+            skipped += 1
+            continue
+        try:
+            value = way.tags.get(key, "")
+        except UnicodeDecodeError:
+            value = _tag(way, key)
+        append((geom, value))
+    return seen, skipped
+
+
 def stream_feature_type(
     source: PbfSource,
     feature_type: FeatureType,
@@ -268,7 +299,12 @@ def stream_feature_type(
 
     with _node_locations(index_kind, settings) as locations:
         try:
-            for obj in _processor(source, ft, locations):
+            objects = _processor(source, ft, locations)
+            if ft.geometry is GeometryKind.LINE:
+                # Only ways with the key arrive: the hot path without per-object dispatch.
+                seen, skipped = _stream_lines(objects, key, batch.append, guard.check)
+                objects = iter(())
+            for obj in objects:
                 seen += 1
                 if not seen % _CHECK_EVERY:
                     guard.check()
