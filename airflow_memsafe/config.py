@@ -42,6 +42,9 @@ class MemsafeSettings:
     max_input_mb: int | None = None
     #: Extraction tasks allowed to run at once on one host (file-lock slots).
     max_concurrency: int = 1
+    #: Directory of the slot lock files; tasks sharing it share the slots (default:
+    #: ``<tmp>/airflow-memsafe-slots``, i.e. one pool per host or container).
+    slots_dir: str | None = None
     #: ``auto`` chooses by file size vs budget; or force an osmium index name.
     node_index: str = "auto"
     #: Directory for file-backed node indexes (default: the system temp dir).

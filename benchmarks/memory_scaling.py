@@ -676,6 +676,20 @@ def write_results(
     return table
 
 
+def merge_results(
+    out_dir: Path, new: Sequence[Measurement], tools: Sequence[str]
+) -> tuple[Measurement, list[Measurement], list[str]]:
+    """The earlier run's baseline and results, with the (tool, size) cells of ``new``."""
+    data = json.loads((out_dir / "memory_scaling.json").read_text())
+    baseline = Measurement(**data["baseline"])
+    old = [Measurement(**m) for m in data["results"]]
+    replaced = {(m.tool, m.copies) for m in new}
+    merged = [m for m in old if (m.tool, m.copies) not in replaced] + list(new)
+    merged.sort(key=lambda m: (m.copies, TOOLS.index(m.tool)))
+    all_tools = [t for t in TOOLS if t in tools or any(m.tool == t for m in merged)]
+    return baseline, merged, all_tools
+
+
 # -------------------------------------------------------------------------- CLI -----
 
 
@@ -705,6 +719,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PostgreSQL as JSON {host, port, user, password, dbname} (default: "
         "an embedded pgserver in WORK)",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the earlier results in OUT/memory_scaling.json (and their baseline); "
+        "replace only the tools x sizes measured now",
+    )
+    parser.add_argument("--note", default="", help="note attached to this run's measurements")
     args = parser.parse_args(argv)
 
     reason = cgroup_available()
@@ -734,6 +755,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pg = stack.enter_context(embedded_postgres(work))
         started = time.monotonic()
         baseline, results = run_benchmark(sizes, tools, args.limit_mb, timeout_s, work, pg, home)
+    for m in results:
+        m.note = "; ".join(n for n in (args.note, m.note) if n)
+    if args.merge and (args.out_dir / "memory_scaling.json").exists():
+        baseline, results, tools = merge_results(args.out_dir, results, tools)
     table = write_results(baseline, results, tools, args.limit_mb, args.out_dir)
     print()
     print(table)

@@ -34,6 +34,9 @@ os.environ.update(
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
         "MEMSAFE_DATA_DIR": str(DATA),
+        # Extraction slots of this test session only: not shared with other processes on
+        # the machine (a benchmark elsewhere would otherwise hold the host's slot).
+        "AIRFLOW__MEMSAFE__SLOTS_DIR": str(_AIRFLOW_HOME / "slots"),
     }
 )
 sys.path.insert(0, str(REPO / "tests"))
@@ -41,6 +44,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="run benchmarks marked slow")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)  # the session's Airflow home
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

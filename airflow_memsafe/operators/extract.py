@@ -213,7 +213,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         monitor.register_warning_callback(self._log_pressure)
         monitor.register_critical_callback(self._log_pressure)
         try:
-            with concurrency_slot(settings.max_concurrency), monitor:
+            with concurrency_slot(settings.max_concurrency, lock_dir=settings.slots_dir), monitor:
                 with monitor.labelled("setup"):
                     source = open_pbf(self.pbf_path)
                     area_km2 = self._prepare(source)

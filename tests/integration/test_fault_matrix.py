@@ -181,6 +181,28 @@ def test_bad_pbf_fails_clearly_and_keeps_rows(
     assert rows["s1", "railways"]["feature_count"] == 40
 
 
+def test_circuit_breaker_refuses_oversized_input_and_keeps_rows(
+    pg_server: PgServer, facts_conn_id: str, pg_schema: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Row 7: the circuit breaker refuses work before any type is read; earlier rows stay.
+
+    (Budget exhaustion during a type — MemoryBudgetExceeded, not SIGKILL, earlier rows kept —
+    is proven under a real cgroup in tests/memory/test_memory_proof.py.)
+    """
+    with _dag("breaker") as dag:
+        good = _extract(facts_conn_id, pg_schema, ["roads"], task_id="good")
+        good >> _extract(
+            facts_conn_id, pg_schema, ["roads", "railways"], task_id="capped", snapshot="s2",
+            max_input_mb=0,
+        )
+    _, states = run_dag(dag)
+    assert states == {"good": "success", "capped": "failed"}
+    out = _output(capfd)
+    assert "roads: InputTooLargeError: roads: input is 1 MB, over max_input_mb=0" in out
+    assert "railways: InputTooLargeError" in out
+    assert sorted(_rows(pg_server, pg_schema)) == [("s1", "roads")]
+
+
 def test_type_absent_from_the_file_is_a_zero_row(
     tmp_path: Path, pg_server: PgServer, facts_conn_id: str, pg_schema: str
 ) -> None:
