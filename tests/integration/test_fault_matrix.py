@@ -192,7 +192,11 @@ def test_circuit_breaker_refuses_oversized_input_and_keeps_rows(
     with _dag("breaker") as dag:
         good = _extract(facts_conn_id, pg_schema, ["roads"], task_id="good")
         good >> _extract(
-            facts_conn_id, pg_schema, ["roads", "railways"], task_id="capped", snapshot="s2",
+            facts_conn_id,
+            pg_schema,
+            ["roads", "railways"],
+            task_id="capped",
+            snapshot="s2",
             max_input_mb=0,
         )
     _, states = run_dag(dag)
