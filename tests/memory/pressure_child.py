@@ -9,9 +9,11 @@ released. Prints one JSON line: callbacks seen, monitor counters, batch sizes, r
 allocates steadily (~100 MB/s, no knowledge of the limit). The engine must stop with
 ``MemoryBudgetExceeded`` before the kernel's SIGKILL: prints the message, exits 3.
 
-``python pressure_child.py hog DSN REGION SNAPSHOT PERCENT`` — a neighbour in the same
-cgroup: waits until the first fact row of REGION/SNAPSHOT lands, then takes memory until
-the cgroup's working set is PERCENT % of its limit, and holds it.
+``python pressure_child.py hog DSN REGION SNAPSHOT PERCENT [INDEX_PARENT]`` — a neighbour in
+the same cgroup: waits until the first fact row of REGION/SNAPSHOT lands (and, with
+INDEX_PARENT, until the next type's file-backed node index is being written there, i.e. the
+next type is reading), then takes memory in small steps until the cgroup's working set is
+PERCENT % of its limit, and holds it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def _ballast(nbytes: int) -> bytearray:
     return bytearray(b"\x01") * nbytes  # written, so resident (a plain bytearray(n) is not)
 
 
-def fill_to(ballast: list[bytearray], percent: float) -> float:
+def fill_to(
+    ballast: list[bytearray], percent: float, step_mb: float = 8, pause_s: float = 0
+) -> float:
     """Add ballast until the cgroup's working set is ``percent`` % of its limit."""
     from airflow_memsafe.memory.cgroup import read_memory
 
@@ -38,7 +42,8 @@ def fill_to(ballast: list[bytearray], percent: float) -> float:
         gap = percent / 100 * reading.effective_limit_bytes - reading.working_set_bytes
         if gap < _MIB:
             return reading.percent
-        ballast.append(_ballast(int(min(gap, 8 * _MIB))))
+        ballast.append(_ballast(int(min(gap, step_mb * _MIB))))
+        time.sleep(pause_s)
 
 
 def adapt(path: str) -> None:
@@ -124,8 +129,12 @@ def budget(path: str) -> int:
     return 0
 
 
-def hog(dsn: str, region_id: str, snapshot: str, percent: float) -> None:
+def hog(dsn: str, region_id: str, snapshot: str, percent: float, index_parent: str | None) -> None:
+    from pathlib import Path
+
     import psycopg
+
+    from airflow_memsafe.osm.scratch import PREFIX
 
     deadline = time.monotonic() + 600
     query = (
@@ -141,8 +150,13 @@ def hog(dsn: str, region_id: str, snapshot: str, percent: float) -> None:
         except psycopg.Error:  # the table does not exist yet
             pass
         time.sleep(0.1)
+    while index_parent and time.monotonic() < deadline:
+        indexes = list(Path(index_parent).glob(f"{PREFIX}*/*"))
+        if any(p.exists() and p.stat().st_size > 0 for p in indexes):
+            break
+        time.sleep(0.02)
     ballast: list[bytearray] = []
-    reached = fill_to(ballast, percent)
+    reached = fill_to(ballast, percent, step_mb=4, pause_s=0.01)
     print(f"hog: holding {sum(map(len, ballast)) / _MIB:.0f} MB, {reached:.1f}%", flush=True)
     time.sleep(deadline - time.monotonic())
 
@@ -154,6 +168,6 @@ if __name__ == "__main__":
     elif mode == "budget":
         raise SystemExit(budget(*args))
     elif mode == "hog":
-        hog(args[0], args[1], args[2], float(args[3]))
+        hog(args[0], args[1], args[2], float(args[3]), args[4] if len(args) > 4 else None)
     else:
         raise SystemExit(f"unknown mode {mode}")
