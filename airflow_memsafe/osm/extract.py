@@ -299,7 +299,7 @@ def stream_feature_type(
 
     with _node_locations(index_kind, settings) as locations:
         try:
-            objects = _processor(source, ft, locations)
+            objects: Iterable[Any] = _processor(source, ft, locations)
             if ft.geometry is GeometryKind.LINE:
                 # Only ways with the key arrive: the hot path without per-object dispatch.
                 seen, skipped = _stream_lines(objects, key, batch.append, guard.check)
