@@ -1,7 +1,12 @@
 """Container-aware memory readings: cgroup v2, then v1, then psutil and the machine's RAM.
 
-Pressure is judged on the *working set* = usage − inactive file cache: page cache filled by
-reading the PBF is reclaimable and is not pressure (the kernel drops it before it kills).
+Pressure is judged on the *working set* = usage − file-backed page cache (inactive *and*
+active file pages): page cache from reading the PBF and the pages of a file-backed node
+index are reclaimable and are not pressure — the kernel drops or writes them back before it
+kills. (Subtracting only the inactive list, as container dashboards do, counted the node
+index's active pages: 881 MB "used" in a 1 GiB group whose anonymous memory was 61 MB, and
+the circuit breaker refused the next type.) Shared memory (tmpfs) stays counted: it sits on
+the anonymous lists and cannot be dropped.
 Without a cgroup limit, the working set is this process tree's RSS and the limit is the
 machine's RAM. This module is the one place that reads memory numbers.
 """
@@ -150,13 +155,14 @@ def read_memory() -> MemoryReading:
         if limit is not None:
             if version == "v2":
                 usage = _read_int(directory / "memory.current")
-                inactive = _stat(directory / "memory.stat").get("inactive_file", 0)
+                stat = _stat(directory / "memory.stat")
+                page_cache = stat.get("inactive_file", 0) + stat.get("active_file", 0)
             else:
                 usage = _read_int(directory / "memory.usage_in_bytes")
                 stat = _stat(directory / "memory.stat")
-                inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+                page_cache = _v1_stat(stat, "inactive_file") + _v1_stat(stat, "active_file")
             if usage is not None:
-                working = max(0, usage - inactive)
+                working = max(0, usage - page_cache)
                 return MemoryReading(usage, working, limit, rss, f"cgroup{version[1]}")
     tree = rss + _children_rss()
     return MemoryReading(tree, tree, None, rss, "psutil")
@@ -171,6 +177,11 @@ def _own_cgroup() -> tuple[str, Path] | None:
     if pid not in _own_cgroup_cache:
         _own_cgroup_cache[pid] = find_own_cgroup()
     return _own_cgroup_cache[pid]
+
+
+def _v1_stat(stat: dict[str, int], name: str) -> int:
+    """A v1 ``memory.stat`` counter, hierarchical (``total_``) when present."""
+    return stat.get(f"total_{name}", stat.get(name, 0))
 
 
 def _children_rss() -> int:
