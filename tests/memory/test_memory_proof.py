@@ -216,7 +216,7 @@ def test_callbacks_fire_and_batches_shrink_when_memory_is_taken_during_a_type(
 def test_growing_memory_stops_the_type_with_memory_budget_exceeded_not_sigkill(
     ci_pbf: Path,
 ) -> None:
-    # A thread leaks ~100 MB/s while roads runs on the tiled file in 500 MiB.
+    # A thread leaks ~300 MB/s while roads runs on the tiled file in 500 MiB.
     run = _child("budget", str(ci_pbf), limit_mb=500)
     report = _describe("budget", run) + _tails(run)
     assert run.returncode == 3, report  # the program's own exit, not -9 / 137
