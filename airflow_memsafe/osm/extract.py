@@ -43,7 +43,6 @@ __all__ = [
     "Feature",
     "FeatureResult",
     "StreamStats",
-    "choose_node_index",
     "extract_feature_type",
     "extract_feature_types",
     "memory_monitor",
@@ -144,14 +143,6 @@ class StreamStats:
     peak_memory_mb: float
     node_index: str
     extra: dict[str, Any]
-
-
-def choose_node_index(size_bytes: int, settings: MemsafeSettings, limit_mb: float) -> str:
-    """``flex_mem`` when its estimated size fits under the spill threshold, else
-    ``sparse_file_array`` (see :func:`airflow_memsafe.memory.budget.plan_feature_type`)."""
-    return plan_feature_type(
-        size_bytes, "-", settings, limit_mb=limit_mb, baseline_mb=0.0
-    ).node_index
 
 
 @contextlib.contextmanager
@@ -257,7 +248,7 @@ def stream_feature_type(
     unless ``point_geometry`` (then nodes as point WKB and areas as multipolygon WKB).
     Objects whose geometry cannot be built are counted in ``skipped_count``, never passed on.
 
-    Memory: node-location index (in RAM or a temp file, see :func:`choose_node_index`) +
+    Memory: node-location index (in RAM or a temp file, see :func:`plan_feature_type`) +
     ``batch_size`` features + the bounded reader queue; independent of feature count.
     ``monitor`` is sampled between micro-batches and every ``_CHECK_EVERY`` objects: batch
     sizes adapt to pressure and the type stops with :class:`MemoryBudgetExceeded` past the

@@ -141,18 +141,6 @@ class FactTable:
             ),
         ]
 
-    def exists(self, conn: Any) -> bool:
-        """True when the table exists (a catalog lookup: no lock, no privilege needed)."""
-        with conn.transaction(), conn.cursor() as cur:
-            return self._exists(cur)
-
-    def _exists(self, cur: Any) -> bool:
-        cur.execute(
-            "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
-            (self.schema, self.table),
-        )
-        return bool(cur.fetchone()[0])
-
     def ensure(self, conn: Any) -> None:
         """Create the schema and table if missing; an existing table is used as it is
         (see :func:`airflow_memsafe.storage.ddl.ensure_relations`)."""
