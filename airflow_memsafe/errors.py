@@ -7,6 +7,8 @@ __all__ = [
     "InvalidIdentifierError",
     "InvalidPbfError",
     "MemsafeError",
+    "PermanentError",
+    "is_permanent",
     "one_line",
 ]
 
@@ -31,22 +33,42 @@ class MemsafeError(Exception):
     """Base class of airflow-memsafe errors."""
 
 
-class InvalidPbfError(MemsafeError):
+class PermanentError(MemsafeError):
+    """An error no retry can fix (bad input, unknown names, a missing connection): tasks
+    fail at once, without Airflow's retries (``AirflowFailException``)."""
+
+
+class InvalidPbfError(PermanentError):
     """The input is missing, empty, not an OSM PBF, or truncated."""
 
 
-class InvalidIdentifierError(MemsafeError, ValueError):
+class InvalidIdentifierError(PermanentError, ValueError):
     """A region id, snapshot, schema or table name that is not allowed."""
 
 
 class FeatureExtractionFailed(MemsafeError):
-    """Some feature types failed; the others' rows were written and stay."""
+    """Some feature types failed; the others' rows were written and stay.
 
-    def __init__(self, failed: dict[str, str], written: list[str]) -> None:
+    ``permanent`` when every failure was a :class:`PermanentError` (e.g. a corrupt PBF):
+    retrying the task would fail the same way.
+    """
+
+    def __init__(
+        self, failed: dict[str, str], written: list[str], *, permanent: bool = False
+    ) -> None:
         self.failed = failed
         self.written = written
+        self.permanent = permanent
         detail = "; ".join(f"{name}: {err}" for name, err in failed.items())
         super().__init__(
             f"{len(failed)} feature type(s) failed ({', '.join(failed)}); "
             f"rows written for: {', '.join(written) or 'none'}. {detail}"
         )
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Would retrying fail the same way? (:class:`PermanentError`, or a
+    :class:`FeatureExtractionFailed` whose failures all were.)"""
+    if isinstance(exc, FeatureExtractionFailed):
+        return exc.permanent
+    return isinstance(exc, PermanentError)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_memsafe.errors import MemsafeError
+from airflow_memsafe.errors import MemsafeError, PermanentError
 
 __all__ = [
     "FactsConnectionNotDefined",
     "FactsDatabaseError",
     "aconnect_facts_db",
     "connect_facts_db",
+    "live_connection",
 ]
 
 
@@ -18,7 +19,7 @@ class FactsDatabaseError(MemsafeError):
     """The facts database cannot be reached or used; names the Airflow connection id."""
 
 
-class FactsConnectionNotDefined(FactsDatabaseError):
+class FactsConnectionNotDefined(FactsDatabaseError, PermanentError):
     """The Airflow connection id is not defined (waiting or retrying will not help)."""
 
 
@@ -117,3 +118,20 @@ def describe_db_error(
     return FactsDatabaseError(
         f"facts database error on Airflow connection {conn_id!r}{while_}: {_first_line(exc)}"
     )
+
+
+def live_connection(conn: Any, conn_id: str) -> Any:
+    """``conn`` if the server still answers a ``SELECT 1`` (one round trip), else a new
+    connection; raises :class:`FactsDatabaseError` naming ``conn_id`` when the database is
+    unreachable. Checked before work that would be lost if the write could not happen."""
+    import psycopg
+
+    if conn is not None and not conn.closed and not conn.broken:
+        try:
+            conn.execute("SELECT 1")
+            return conn
+        except psycopg.Error:
+            pass  # dropped while idle (restart, failover): try a new connection once
+    if conn is not None:
+        conn.close()
+    return connect_facts_db(conn_id)

@@ -59,7 +59,7 @@ def monaco_extract(conn_id: str, schema: str, types: list[str], **kwargs: Any) -
         "task_id": "extract",
         "pbf_path": str(REPO / "data" / "monaco-2023.osm.pbf"),
         "region_id": "monaco",
-        "snapshot": "s1",
+        "snapshot": "2024-01-01",
         "feature_types": types,
         "postgres_conn_id": conn_id,
         "schema": schema,
@@ -68,11 +68,14 @@ def monaco_extract(conn_id: str, schema: str, types: list[str], **kwargs: Any) -
     return OsmFeatureExtractOperator(**{**args, **kwargs})
 
 
-def run_dag(dag: Any, conf: dict[str, Any] | None = None) -> tuple[Any, dict[str, str]]:
-    """``dag.test()``; returns the DagRun and {task_id: state}."""
+def run_dag(
+    dag: Any, conf: dict[str, Any] | None = None, **test_kwargs: Any
+) -> tuple[Any, dict[str, str]]:
+    """``dag.test()``; returns the DagRun and {task_id: state}. ``logical_date=None`` makes a
+    run without a logical date, as the UI's Trigger button and ``airflow dags trigger`` do."""
     if not dag.fileloc.startswith(str(REPO / "dags")):
         register_dag(dag)
-    dag_run = dag.test(run_conf=conf or {})
+    dag_run = dag.test(run_conf=conf or {}, **test_kwargs)
     states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
     return dag_run, states
 

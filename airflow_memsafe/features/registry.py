@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from airflow_memsafe.errors import PermanentError
+
 __all__ = [
     "BUILTIN_FEATURE_TYPES",
     "FeatureType",
@@ -40,7 +42,7 @@ class GeometryKind(StrEnum):
     AREA = "area"
 
 
-class UnknownFeatureTypeError(ValueError):
+class UnknownFeatureTypeError(PermanentError, ValueError):
     """Raised for a feature type name that is not registered; lists the known ones."""
 
     def __init__(self, name: object, known: Iterable[str]) -> None:

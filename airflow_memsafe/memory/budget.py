@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 
 from airflow_memsafe.config import MemsafeSettings
-from airflow_memsafe.errors import MemsafeError
+from airflow_memsafe.errors import PermanentError
 from airflow_memsafe.memory.monitor import MemoryBudgetExceeded
 
 __all__ = ["BudgetPlan", "InputTooLargeError", "plan_feature_type"]
@@ -32,7 +32,7 @@ DEFAULT_SPILL_CAP_MB = 32.0
 _IN_MEMORY_INDEXES = ("flex_mem", "sparse_mem_array")
 
 
-class InputTooLargeError(MemsafeError):
+class InputTooLargeError(PermanentError):
     """The input is over ``max_input_mb`` or cannot fit the budget in any configuration."""
 
 
@@ -91,14 +91,20 @@ def plan_feature_type(
     estimate = baseline_mb + index_ram + min(STREAMING_OVERHEAD_MB, 40.0 + size_mb)
     hard_mb = limit_mb * settings.hard_limit_pct / 100
     if estimate > hard_mb:
-        hint = (
-            "use node_index='auto' or 'sparse_file_array' (file-backed)"
-            if kind in _IN_MEMORY_INDEXES
-            else "give the worker more memory"
-        )
+        # Advise what dominates: a big in-memory index can spill, everything else needs memory.
+        without_index = estimate - index_ram
+        if kind in _IN_MEMORY_INDEXES and without_index <= hard_mb:
+            hint = "use node_index='auto' or 'sparse_file_array' (file-backed)"
+        else:
+            needed_mb = without_index / (settings.hard_limit_pct / 100)
+            hint = (
+                f"baseline and streaming alone need a limit of ~{needed_mb:.0f} MB: give the "
+                f"worker (memory_limit_mb) at least that"
+            )
         raise MemoryBudgetExceeded(
             f"{feature_type}: refused before start — estimated peak {estimate:.0f} MB "
-            f"(baseline {baseline_mb:.0f} MB + node index {kind} {index_ram:.0f} MB) exceeds "
+            f"(baseline {baseline_mb:.0f} MB + node index {kind} {index_ram:.0f} MB + "
+            f"streaming {estimate - baseline_mb - index_ram:.0f} MB) exceeds "
             f"{settings.hard_limit_pct:.0f}% of the {limit_mb:.0f} MB limit; {hint}"
         )
     if index_disk:

@@ -8,12 +8,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from airflow.sdk import Asset, BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_memsafe.assets import FactTableLocation, parse_fact_table_uri
 from airflow_memsafe.config import MemsafeSettings
-from airflow_memsafe.errors import FeatureExtractionFailed, InvalidPbfError
+from airflow_memsafe.context import is_template, run_snapshot
+from airflow_memsafe.errors import (
+    FeatureExtractionFailed,
+    InvalidPbfError,
+    PermanentError,
+    is_permanent,
+    one_line,
+)
 from airflow_memsafe.features import FeatureType, resolve_feature_types
-from airflow_memsafe.hooks import connect_facts_db, describe_db_error
+from airflow_memsafe.hooks import (
+    FactsDatabaseError,
+    connect_facts_db,
+    describe_db_error,
+    live_connection,
+)
 from airflow_memsafe.lineage import ExtractLineage, operator_lineage
 from airflow_memsafe.memory import release_memory
 from airflow_memsafe.memory.monitor import MemoryMonitor, MemorySample
@@ -36,10 +49,6 @@ def _airflow_conf_lookup(name: str) -> str | None:
 
     value = conf.get("memsafe", name, fallback=None)
     return None if value in (None, "") else str(value)
-
-
-def _is_template(value: Any) -> bool:
-    return isinstance(value, str) and "{{" in value
 
 
 def _as_bool(value: bool | str, name: str) -> bool:
@@ -69,7 +78,11 @@ class OsmFeatureExtractOperator(BaseOperator):
 
     :param pbf_path: OSM PBF file (templated).
     :param region_id: region key of the rows (templated), e.g. ``monaco``.
-    :param snapshot: snapshot key (templated); default the run's logical date.
+    :param snapshot: snapshot key (templated): a date ``YYYY-MM-DD`` or an ISO 8601
+        date-time, validated and normalised (:func:`~airflow_memsafe.storage.identifiers.
+        validate_snapshot`). None or empty: the run's date — its logical date, else (runs
+        triggered from the UI or ``airflow dags trigger``, which have none) its
+        ``run_after``.
     :param feature_types: names or :class:`FeatureType` values (templated; a list or a
         comma-separated string). Default: the subclass's ``feature_type``, else all built-ins.
     :param postgres_conn_id: Airflow connection of the facts database (templated).
@@ -112,7 +125,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         *,
         pbf_path: str,
         region_id: str,
-        snapshot: str = "{{ (logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}",
+        snapshot: str | None = None,
         feature_types: Sequence[str | FeatureType] | str | None = None,
         postgres_conn_id: str = "postgres_default",
         schema: str = "public",
@@ -167,12 +180,12 @@ class OsmFeatureExtractOperator(BaseOperator):
         self._lineage: ExtractLineage | None = None  # for OpenLineage, set by execute()
         # Fail at DAG parse time for what is already known: unknown or duplicate types,
         # a malformed region id, impossible settings.
-        if not _is_template(feature_types) and not (
-            isinstance(feature_types, list | tuple) and any(map(_is_template, feature_types))
-        ):
+        if not is_template(feature_types):
             self._types()
-        if not _is_template(region_id):
+        if not is_template(region_id):
             validate_region_id(region_id)
+        if snapshot and not is_template(snapshot):
+            validate_snapshot(snapshot)
         MemsafeSettings.resolve(self.setting_overrides, lookup=lambda _name: None)
 
     def _check_asset(self, asset: Asset | str | None) -> Asset | None:
@@ -195,6 +208,11 @@ class OsmFeatureExtractOperator(BaseOperator):
         run wrote. None when ``apache-airflow-providers-openlineage`` is not installed."""
         return operator_lineage(self._lineage)
 
+    def declared_feature_types(self) -> list[FeatureType] | None:
+        """The types this task extracts, known at parse time; None when templated. The
+        sensor uses it to accept a subclass's own type by name."""
+        return None if is_template(self.feature_types) else self._types()
+
     def _types(self) -> list[FeatureType]:
         own = [self.feature_type] if self.feature_type is not None else []
         if self.feature_types is None and own:
@@ -202,9 +220,19 @@ class OsmFeatureExtractOperator(BaseOperator):
         return resolve_feature_types(self.feature_types, extra=own)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        """Run the types; errors no retry can fix (:func:`~airflow_memsafe.errors.
+        is_permanent`: bad input, unknown names, a corrupt PBF) fail the task at once."""
+        try:
+            return self._execute(context)
+        except (PermanentError, FeatureExtractionFailed) as exc:
+            if not is_permanent(exc):
+                raise
+            raise AirflowFailException(f"{type(exc).__name__}: {one_line(exc, 2000)}") from None
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         types = self._types()
         region_id = validate_region_id(self.region_id)
-        snapshot = validate_snapshot(self.snapshot)
+        snapshot = run_snapshot(context, self.snapshot)
         settings = MemsafeSettings.resolve(self.setting_overrides, _airflow_conf_lookup)
         reprocess = _as_bool(self.reprocess, "reprocess")
         ti = context["ti"]
@@ -245,7 +273,7 @@ class OsmFeatureExtractOperator(BaseOperator):
                     self._ensure_table()
                     location = self._check_connection_matches_asset()
                     landed = {} if reprocess else self._landed(region_id, snapshot, source.sha256)
-                    counts, failed = self._run_types(
+                    counts, failed, retryable = self._run_types(
                         types,
                         source,
                         settings,
@@ -282,7 +310,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         if size > MAX_XCOM_BYTES:
             raise ValueError(f"XCom payload is {size} bytes, over the {MAX_XCOM_BYTES} limit")
         if failed:
-            error = FeatureExtractionFailed(failed, list(counts))
+            error = FeatureExtractionFailed(failed, list(counts), permanent=not retryable)
             if not self.allow_partial:
                 ti.xcom_push(key="return_value", value=payload)
                 raise error
@@ -383,6 +411,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         with monitor.labelled("write"):
             self._write(FactRow(region_id, snapshot, result, lineage))
         summary = (
+            f"extract {result.duration_s:.2f} s (the row's duration_s), "
             f"{result.feature_count} features ({result.skipped_count} skipped), "
             f"{_metric_text(result)}, "
             f"{result.objects_seen / max(result.duration_s, 1e-9):.0f} objects/s, "
@@ -402,16 +431,28 @@ class OsmFeatureExtractOperator(BaseOperator):
         snapshot: str,
         lineage: Lineage,
         landed: Mapping[str, int],
-    ) -> tuple[dict[str, int], dict[str, str]]:
+    ) -> tuple[dict[str, int], dict[str, str], set[str]]:
         """Each type: extract, write and commit its row, free memory. Failures are isolated.
-        Types in ``landed`` (rows from the same input file) are not recomputed."""
+        Types in ``landed`` (rows from the same input file) are not recomputed.
+
+        Returns counts, failures (type → one-line error) and the failed types a retry could
+        fix. A broken file or an unreachable database fails every later type at once, without
+        reading the PBF again (the database is checked with a cheap query before each type).
+        """
         counts: dict[str, int] = {}
         failed: dict[str, str] = {}
-        corrupt: str | None = None
+        retryable: set[str] = set()
+        fatal: str | None = None  # why no later type can succeed in this attempt
         for ft in types:
-            if corrupt is not None:  # the file is broken: every later type would fail alike
-                failed[ft.name] = corrupt
-                self.log.error("%s not attempted: %s", ft.name, corrupt)
+            if fatal is None and ft.name not in landed:
+                try:
+                    self._conn = live_connection(self._conn, self.postgres_conn_id)
+                except FactsDatabaseError as exc:
+                    fatal = f"{type(exc).__name__}: {exc}"
+                    retryable.update(t.name for t in types if t.name not in landed)
+            if fatal is not None and ft.name not in landed:
+                failed[ft.name] = fatal
+                self.log.error("%s not attempted: %s", ft.name, fatal)
                 continue
             if ft.name in landed:
                 counts[ft.name] = landed[ft.name]
@@ -433,8 +474,10 @@ class OsmFeatureExtractOperator(BaseOperator):
                     )
                 except Exception as exc:  # one type's failure must not stop the others
                     failed[ft.name] = f"{type(exc).__name__}: {exc}"
-                    if isinstance(exc, InvalidPbfError):
-                        corrupt = failed[ft.name]
+                    if not is_permanent(exc):
+                        retryable.add(ft.name)
+                    if isinstance(exc, InvalidPbfError):  # every later type would fail alike
+                        fatal = failed[ft.name]
                     self.log.error(
                         "%s failed after %.1f s: %s", ft.name, time.perf_counter() - started, exc
                     )
@@ -449,8 +492,8 @@ class OsmFeatureExtractOperator(BaseOperator):
                         sink.flush()
             if ft.name in counts:
                 self.log.info(
-                    "%s: %s, %.1f s, working set before %.0f / peak %.0f / after "
-                    "%.0f MB (freed %.0f MB) — row committed",
+                    "%s: %s; %.2f s in all with write and cleanup, working set before %.0f / "
+                    "peak %.0f / after %.0f MB (freed %.0f MB) — row committed",
                     ft.name,
                     summary,
                     time.perf_counter() - started,
@@ -459,7 +502,7 @@ class OsmFeatureExtractOperator(BaseOperator):
                     after.working_set_mb,
                     max(0.0, peak_mb - after.working_set_mb),
                 )
-        return counts, failed
+        return counts, failed, retryable
 
     def _write(self, row: FactRow | Sequence[FactRow]) -> None:
         """Upsert and commit one row (or one type's rows of many regions, in one

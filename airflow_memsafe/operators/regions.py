@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow_memsafe.config import MemsafeSettings
+from airflow_memsafe.context import is_template
 from airflow_memsafe.features import FeatureType, GeometryKind
 from airflow_memsafe.hooks import connect_facts_db
 from airflow_memsafe.memory.monitor import MemoryMonitor
-from airflow_memsafe.operators.extract import OsmFeatureExtractOperator, _is_template
+from airflow_memsafe.operators.extract import OsmFeatureExtractOperator
 from airflow_memsafe.osm.regions import Regions, extract_regions, load_regions, split_table_name
 from airflow_memsafe.storage import FactRow, Lineage, validate_identifier
 
@@ -83,7 +84,7 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
         super().__init__(region_id=regions_label, **kwargs)
         if (regions_path is None) == (regions_table is None):
             raise ValueError("give exactly one of regions_path and regions_table")
-        if regions_table is not None and not _is_template(regions_table):
+        if regions_table is not None and not is_template(regions_table):
             split_table_name(regions_table)  # parse-time check of the names, no I/O
         self.regions_path = regions_path
         self.regions_table = regions_table

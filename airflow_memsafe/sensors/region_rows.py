@@ -10,7 +10,7 @@ from airflow.sdk import Context
 from airflow_memsafe.hooks import connect_facts_db
 from airflow_memsafe.osm.regions import read_region_ids
 from airflow_memsafe.sensors.rows_landed import FeatureRowsLandedSensor
-from airflow_memsafe.storage import validate_region_id, validate_snapshot
+from airflow_memsafe.storage import validate_region_id
 from airflow_memsafe.storage.landed import compare_counts
 
 __all__ = ["RegionRowsLandedSensor", "compare_region_counts"]
@@ -134,15 +134,15 @@ class RegionRowsLandedSensor(FeatureRowsLandedSensor):
 
     def poke(self, context: Context) -> bool:
         expected = self._expected_types()
+        self._check_types()
         xcom_counts = _merge_region_counts(
             context["ti"].xcom_pull(task_ids=self.extract_task_ids, key="return_value")
         )
+        _, snapshot = self._resolve(context)
         conn = connect_facts_db(self.postgres_conn_id)
         try:
             ids = self._read_ids(conn)
-            rows = self.fact_table.region_counts(
-                conn, ids, validate_snapshot(self.snapshot), expected
-            )
+            rows = self.fact_table.region_counts(conn, ids, snapshot, expected)
         finally:
             conn.close()
         self._last_problem = compare_region_counts(expected, ids, xcom_counts, rows)
@@ -155,6 +155,6 @@ class RegionRowsLandedSensor(FeatureRowsLandedSensor):
             len(ids),
             len(expected),
             self.fact_table.qualified_name,
-            self.snapshot,
+            snapshot,
         )
         return True

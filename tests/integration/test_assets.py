@@ -128,7 +128,7 @@ def test_extract_records_an_asset_event_that_triggers_the_consumer(
         assert (event.source_task_id, event.source_run_id) == ("extract", produced.run_id)
         assert event.extra == {
             "region_id": "monaco",
-            "snapshot": "s1",
+            "snapshot": "2024-01-01",
             "counts": {"railways": 40},
             "postgres_conn_id": facts_conn_id,
         }
@@ -162,14 +162,14 @@ def test_extract_records_an_asset_event_that_triggers_the_consumer(
         "summaries": [
             {
                 "region_id": "monaco",
-                "snapshot": "s1",
+                "snapshot": "2024-01-01",
                 "source_dag_id": producer.dag_id,
                 "source_run_id": produced.run_id,
                 "counts": {"railways": 40},
             }
         ]
     }
-    assert f"{pg_schema}.fact_geo_region_features: region monaco, snapshot s1 — 1 rows" in (
+    assert f"{pg_schema}.fact_geo_region_features: region monaco, snapshot 2024-01-01 — 1 rows" in (
         "".join(capfd.readouterr())
     )
 

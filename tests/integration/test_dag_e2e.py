@@ -170,7 +170,7 @@ def test_subclassed_operator_adds_a_type(
             task_id="extract_schools",
             pbf_path=str(MONACO),
             region_id="monaco",
-            snapshot="s1",
+            snapshot="2024-01-01",
             postgres_conn_id=facts_conn_id,
             schema=pg_schema,
             record_memory_metrics=False,
@@ -178,7 +178,7 @@ def test_subclassed_operator_adds_a_type(
         verify = FeatureRowsLandedSensor(
             task_id="verify",
             region_id="monaco",
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=["schools"],
             extract_task_ids="extract_schools",
             postgres_conn_id=facts_conn_id,
@@ -189,7 +189,7 @@ def test_subclassed_operator_adds_a_type(
         extract >> verify
     _, states = run_dag(dag)
     assert states == {"extract_schools": "success", "verify": "success"}
-    rows = _rows(pg_server, "monaco", "s1", pg_schema)
+    rows = _rows(pg_server, "monaco", "2024-01-01", pg_schema)
     expected = _independent_school_count()
     assert expected > 0
     assert rows["schools"]["feature_count"] == expected
@@ -219,7 +219,7 @@ def test_failing_type_does_not_stop_the_others(
             task_id="extract_three",
             pbf_path=str(MONACO),
             region_id="monaco",
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=["roads", "railways", "buildings"],
             postgres_conn_id=facts_conn_id,
             schema=pg_schema,
@@ -228,7 +228,7 @@ def test_failing_type_does_not_stop_the_others(
             task_id="extract_partial_ok",
             pbf_path=str(MONACO),
             region_id="monaco",
-            snapshot="s2",
+            snapshot="2024-01-02",
             feature_types=["railways", "waterways"],
             postgres_conn_id=facts_conn_id,
             schema=pg_schema,
@@ -236,8 +236,8 @@ def test_failing_type_does_not_stop_the_others(
         )
     dag_run, states = run_dag(dag)
     assert states == {"extract_three": "failed", "extract_partial_ok": "success"}
-    assert sorted(_rows(pg_server, "monaco", "s1", pg_schema)) == ["buildings", "roads"]
-    assert sorted(_rows(pg_server, "monaco", "s2", pg_schema)) == ["waterways"]
+    assert sorted(_rows(pg_server, "monaco", "2024-01-01", pg_schema)) == ["buildings", "roads"]
+    assert sorted(_rows(pg_server, "monaco", "2024-01-02", pg_schema)) == ["waterways"]
     out = capfd.readouterr()
     assert "1 feature type(s) failed (railways)" in out.out + out.err
     xcoms = xcom_values(dag_run)
@@ -255,7 +255,7 @@ def test_sensor_names_missing_and_mismatched_types(
             task_id="extract",
             pbf_path=str(MONACO),
             region_id="monaco",
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=["roads", "railways"],
             postgres_conn_id=facts_conn_id,
             schema=pg_schema,
@@ -273,7 +273,7 @@ def test_sensor_names_missing_and_mismatched_types(
         verify = FeatureRowsLandedSensor(
             task_id="verify",
             region_id="monaco",
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=["roads", "railways", "buildings"],
             extract_task_ids="extract",
             postgres_conn_id=facts_conn_id,

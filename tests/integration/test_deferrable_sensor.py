@@ -17,7 +17,7 @@ from airflow_memsafe.storage import FactTable
 from airflow_memsafe.triggers.rows_landed import FeatureRowsLandedTrigger
 
 
-def _land(pg: PgServer, schema: str, counts: dict[str, int], snapshot: str = "s1") -> None:
+def _land(pg: PgServer, schema: str, counts: dict[str, int], snapshot: str = "2024-01-01") -> None:
     """Rows as the extract operator leaves them (only the columns the trigger reads matter)."""
     with pg.connect(autocommit=True) as conn:
         FactTable(schema).ensure(conn)
@@ -37,7 +37,7 @@ def _trigger(conn_id: str, schema: str, **overrides: Any) -> FeatureRowsLandedTr
         "schema": schema,
         "table": "fact_geo_region_features",
         "region_id": "monaco",
-        "snapshot": "s1",
+        "snapshot": "2024-01-01",
         "expected_types": ["roads", "railways"],
         "xcom_counts": {"roads": 2852, "railways": 40},
         "deadline": time.time() + 20,
@@ -79,7 +79,10 @@ def test_missing_rows_time_out_naming_them(
     assert event["status"] == "timeout"
     assert "missing rows for: railways, buildings" in event["message"]
     assert "count mismatch for: roads (row 7 != XCom 2852)" in event["message"]
-    assert f"{pg_schema}.fact_geo_region_features, region monaco, snapshot s1" in event["message"]
+    assert (
+        f"{pg_schema}.fact_geo_region_features, region monaco, snapshot 2024-01-01"
+        in event["message"]
+    )
 
 
 def test_rows_arriving_while_polling_fire_success(
@@ -157,7 +160,7 @@ def _verify(conn_id: str, schema: str, types: list[str], timeout: float) -> Feat
     return FeatureRowsLandedSensor(
         task_id="verify",
         region_id="monaco",
-        snapshot="s1",
+        snapshot="2024-01-01",
         feature_types=types,
         extract_task_ids="extract",
         postgres_conn_id=conn_id,
@@ -190,8 +193,8 @@ def test_dag_defers_and_resumes_when_the_row_arrives(
         def hold_back() -> None:
             # The row is not there when the sensor first looks; it lands 4 s later, while the
             # trigger polls in the (inline) triggerer.
-            move("s1", "held")
-            threading.Timer(4.0, move, ("held", "s1")).start()
+            move("2024-01-01", "held")
+            threading.Timer(4.0, move, ("held", "2024-01-01")).start()
 
         (
             monaco_extract(facts_conn_id, pg_schema, ["railways"])
@@ -223,7 +226,7 @@ def test_dag_deferred_sensor_times_out_naming_missing_types(
     assert "running trigger in line" in text
     assert (
         f"Sensor has timed out after 1.5 s: {pg_schema}.fact_geo_region_features, "
-        "region monaco, snapshot s1: missing rows for: buildings"
+        "region monaco, snapshot 2024-01-01: missing rows for: buildings"
     ) in text
 
 
@@ -232,7 +235,12 @@ def test_subclass_with_its_own_poke_cannot_defer() -> None:
         def poke(self, context: Any) -> bool:
             return super().poke(context)
 
-    args = {"region_id": "r", "snapshot": "s", "feature_types": ["roads"], "extract_task_ids": "e"}
+    args = {
+        "region_id": "r",
+        "snapshot": "2024-01-01",
+        "feature_types": ["roads"],
+        "extract_task_ids": "e",
+    }
     with pytest.raises(ValueError, match="Stricter does not support deferrable=True"):
         Stricter(task_id="v", deferrable=True, **args)
     assert not Stricter(task_id="w", **args).deferrable

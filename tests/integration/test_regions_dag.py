@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_example_dag_writes_a_row_per_region_and_type(
     pg_server: PgServer, facts_conn_id: str
 ) -> None:
     dag = load_example_dag("osm_many_regions")
-    snapshot = f"grid-{uuid.uuid4().hex[:8]}"
+    snapshot = f"2024-01-01T{secrets.randbelow(24):02d}:{secrets.randbelow(60):02d}:01Z"
     dag_run, states = run_dag(dag, {"conn_id": facts_conn_id, "snapshot": snapshot})
     assert set(states.values()) == {"success"}, states
     assert len(states) == len(TYPES) + 1
@@ -115,6 +116,10 @@ def _regions_table(pg: PgServer, schema: str, kind: str, doc: dict[str, Any]) ->
     return f"{schema}.cells_{kind}"
 
 
+#: One snapshot per way of giving the regions (snapshots are dates or date-times).
+SNAPSHOTS = {"jsonb": "2024-02-01", "text": "2024-02-02", "wkb": "2024-02-03", "file": "2024-02-04"}
+
+
 def test_regions_from_a_table_match_the_file(
     pg_server: PgServer, facts_conn_id: str, pg_schema: str
 ) -> None:
@@ -130,7 +135,7 @@ def test_regions_from_a_table_match_the_file(
                     regions_table=table,
                     id_column="cell",
                     geometry_column="shape",
-                    snapshot=kind,
+                    snapshot=SNAPSHOTS[kind],
                     feature_types=["roads", "buildings"],
                     postgres_conn_id=facts_conn_id,
                     schema=pg_schema,
@@ -141,7 +146,7 @@ def test_regions_from_a_table_match_the_file(
             task_id="extract_file",
             pbf_path=str(MONACO),
             regions_path=str(GRID),
-            snapshot="file",
+            snapshot=SNAPSHOTS["file"],
             feature_types=["roads", "buildings"],
             postgres_conn_id=facts_conn_id,
             schema=pg_schema,
@@ -151,7 +156,7 @@ def test_regions_from_a_table_match_the_file(
             task_id="verify",
             regions_table=f"{pg_schema}.cells_wkb",
             id_column="cell",
-            snapshot="wkb",
+            snapshot=SNAPSHOTS["wkb"],
             feature_types=["roads", "buildings"],
             extract_task_ids="extract_wkb",
             postgres_conn_id=facts_conn_id,
@@ -170,10 +175,10 @@ def test_regions_from_a_table_match_the_file(
             for key, r in _rows(pg_server, snapshot, pg_schema).items()
         }
 
-    expected = metrics("file")
+    expected = metrics(SNAPSHOTS["file"])
     assert len(expected) == 18
     for kind in ("jsonb", "text", "wkb"):
-        assert metrics(kind) == expected, kind
+        assert metrics(SNAPSHOTS[kind]) == expected, kind
 
 
 def test_thousand_regions_xcom_stays_small_and_sensor_verifies(
@@ -188,14 +193,14 @@ def test_thousand_regions_xcom_stays_small_and_sensor_verifies(
             task_id="extract",
             pbf_path=str(MONACO),
             regions_path=str(grid),
-            snapshot="s1",
+            snapshot="2024-01-01",
             postgres_conn_id=facts_conn_id,
             schema=pg_schema,
         )
         verify = RegionRowsLandedSensor(
             task_id="verify",
             regions_path=str(grid),
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=TYPES,
             extract_task_ids="extract",
             postgres_conn_id=facts_conn_id,
@@ -206,7 +211,7 @@ def test_thousand_regions_xcom_stays_small_and_sensor_verifies(
         extract >> verify
     dag_run, states = run_dag(dag)
     assert states == {"extract": "success", "verify": "success"}
-    rows = _rows(pg_server, "s1", pg_schema)
+    rows = _rows(pg_server, "2024-01-01", pg_schema)
     assert len(rows) == 1000 * len(TYPES)
     value = xcom_values(dag_run)["extract"]
     assert len(json.dumps(value).encode()) < MAX_XCOM_BYTES
@@ -225,7 +230,7 @@ def test_sensor_names_missing_region_rows(
             task_id="extract",
             pbf_path=str(MONACO),
             regions_path=str(GRID),
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=["railways"],
             postgres_conn_id=facts_conn_id,
             schema=pg_schema,
@@ -234,7 +239,7 @@ def test_sensor_names_missing_region_rows(
         verify = RegionRowsLandedSensor(
             task_id="verify",
             region_ids=[*ids, "ghost-cell"],
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=["railways"],
             extract_task_ids="extract",
             postgres_conn_id=facts_conn_id,

@@ -27,7 +27,7 @@ def _dag(conn_id: str, schema: str) -> Any:
             task_id="extract",
             pbf_path="{{ params.pbf_path }}",
             region_id="monaco",
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=TYPES,
             postgres_conn_id=conn_id,
             schema=schema,

@@ -126,11 +126,11 @@ def test_failed_upsert_leaves_earlier_rows(pg_server: PgServer, pg_schema: str) 
     table = FactTable(pg_schema)
     with pg_server.connect(autocommit=True) as conn:
         table.ensure(conn)
-        table.upsert(conn, FactRow("monaco", "s1", _result("roads"), Lineage()))
+        table.upsert(conn, FactRow("monaco", "2024-01-01", _result("roads"), Lineage()))
         conn.execute(
             f'ALTER TABLE "{pg_schema}".fact_geo_region_features '
             "ADD CONSTRAINT no_rail CHECK (feature_type <> 'railways')"
         )
         with pytest.raises(psycopg.errors.CheckViolation):
-            table.upsert(conn, FactRow("monaco", "s1", _result("railways"), Lineage()))
-        assert table.counts(conn, "monaco", "s1") == {"roads": 10}
+            table.upsert(conn, FactRow("monaco", "2024-01-01", _result("railways"), Lineage()))
+        assert table.counts(conn, "monaco", "2024-01-01") == {"roads": 10}

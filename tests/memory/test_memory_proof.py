@@ -244,9 +244,11 @@ def test_through_airflow_a_later_type_stops_cleanly_and_the_earlier_row_stays(
     MemoryBudgetExceeded, the task fails naming them, and the railways row stays."""
     dsn = facts_pg.dsn()
     log = tmp_path / "airflow.log"
-    conf = {"pbf_path": str(ci_pbf), "region_id": region, "snapshot": "budget"}
+    conf = {"pbf_path": str(ci_pbf), "region_id": region, "snapshot": "2024-03-01"}
     index_parent = str(runner.home / "tmp")  # the runner's TMPDIR: node indexes go there
-    hog = shlex.join([sys.executable, str(CHILD), "hog", dsn, region, "budget", "97", index_parent])
+    hog = shlex.join(
+        [sys.executable, str(CHILD), "hog", dsn, region, "2024-03-01", "97", index_parent]
+    )
     airflow = Path(sys.executable).parent / "airflow"
     cmd = [
         "/bin/sh",
@@ -270,7 +272,7 @@ def test_through_airflow_a_later_type_stops_cleanly_and_the_earlier_row_stays(
     assert "buildings: refused before start" in text, report
     assert "FeatureExtractionFailed: 2 feature type(s) failed (roads, buildings)" in text, report
 
-    rows = facts_pg.fact_rows(region, "budget")
+    rows = facts_pg.fact_rows(region, "2024-03-01")
     assert sorted(rows) == ["railways"], report
     only = {"railways": reference["railways"]}
     assert check_rows(rows, only, CI_COPIES) == [], rows

@@ -15,7 +15,7 @@ from airflow_memsafe import FeatureRowsLandedSensor, OsmFeatureExtractOperator
 
 SCHEMA = os.environ.get("MEMSAFE_FAULT_SCHEMA", "public")
 CONN_ID = "memsafe_fault_facts"
-PARAMS = {"pbf_path": "", "region_id": "monaco", "snapshot": "s1"}
+PARAMS = {"pbf_path": "", "region_id": "monaco", "snapshot": "2024-01-01"}
 TYPES = ["roads", "buildings", "amenities"]
 SENSOR_TYPES = ["roads", "railways"]
 TARGET = {

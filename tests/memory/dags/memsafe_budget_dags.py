@@ -14,7 +14,7 @@ with DAG(
     schedule=None,
     start_date=datetime(2024, 1, 1),
     catchup=False,
-    params={"pbf_path": "", "region_id": "proof", "snapshot": "budget"},
+    params={"pbf_path": "", "region_id": "proof", "snapshot": "2024-03-01"},
 ):
     OsmFeatureExtractOperator(
         task_id="extract",
