@@ -6,8 +6,8 @@ regions of a GeoJSON FeatureCollection: one row per (region, type) in
 verifies that every (region, type) row landed. Tasks run one at a time
 (``max_active_tasks``) so a 1 GiB worker holds one type's working set at once.
 
-Defaults: the Monaco sample and ``monaco-grid.geojson`` (a generated 3 × 3 grid over it)
-from ``$MEMSAFE_DATA_DIR`` (else the repository's ``data/``).
+
+
 
 Parse-time cost: no I/O, no database, no file access.
 """
@@ -25,13 +25,18 @@ from airflow_memsafe import (
     OsmRegionsExtractOperator,
     RegionRowsLandedSensor,
 )
+from airflow_memsafe.samples import MONACO_PBF, sample_path
 
-# The Monaco sample shipped with the project (ODbL, © OpenStreetMap contributors).
-DATA_DIR = Path(os.environ.get("MEMSAFE_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
+# The Monaco sample shipped inside the package (ODbL, © OpenStreetMap contributors), so the
+# DAG runs as dropped into any deployment; MEMSAFE_DATA_DIR points the defaults elsewhere.
+DATA_DIR = Path(os.environ.get("MEMSAFE_DATA_DIR") or sample_path(MONACO_PBF).parent)
 DEFAULT_PBF = str(DATA_DIR / "monaco-2023.osm.pbf")
 DEFAULT_REGIONS = str(DATA_DIR / "monaco-grid.geojson")
 TYPES = [ft.name for ft in BUILTIN_FEATURE_TYPES]
-SNAPSHOT = "{{ params.snapshot or (logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}"
+# Empty: the operators use the run's date — its logical date, else (runs triggered from the UI
+# or `airflow dags trigger` have none) its run_after.
+SNAPSHOT = "{{ params.snapshot }}"
+SCHEMA = os.environ.get("MEMSAFE_FACTS_SCHEMA") or "public"
 
 with DAG(
     dag_id="osm_many_regions",
@@ -48,7 +53,9 @@ with DAG(
             DEFAULT_REGIONS, type="string", description="GeoJSON FeatureCollection of regions"
         ),
         "region_id_property": Param("id", type="string", description="property with the id"),
-        "snapshot": Param("", type="string", description="snapshot key; empty = run date"),
+        "snapshot": Param(
+            "", type="string", description="YYYY-MM-DD or ISO date-time; empty = the run's date"
+        ),
         "conn_id": Param("osm_facts", type="string", description="facts database connection"),
     },
     doc_md=__doc__,
@@ -62,6 +69,7 @@ with DAG(
             snapshot=SNAPSHOT,
             feature_types=[name],
             postgres_conn_id="{{ params.conn_id }}",
+            schema=SCHEMA,
             retries=1,
         )
         for name in TYPES
@@ -74,6 +82,7 @@ with DAG(
         feature_types=TYPES,
         extract_task_ids=[t.task_id for t in extracts],
         postgres_conn_id="{{ params.conn_id }}",
+        schema=SCHEMA,
         mode="reschedule",
         poke_interval=30,
         timeout=15 * 60,

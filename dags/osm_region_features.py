@@ -29,12 +29,16 @@ from airflow_memsafe import (
     OsmFeatureExtractOperator,
 )
 from airflow_memsafe.assets import fact_table_asset_from_env
+from airflow_memsafe.samples import MONACO_PBF, sample_path
 
-# The Monaco sample shipped with the project (ODbL, © OpenStreetMap contributors).
-DATA_DIR = Path(os.environ.get("MEMSAFE_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
+# The Monaco sample shipped inside the package (ODbL, © OpenStreetMap contributors), so the
+# DAG runs as dropped into any deployment; MEMSAFE_DATA_DIR points the defaults elsewhere.
+DATA_DIR = Path(os.environ.get("MEMSAFE_DATA_DIR") or sample_path(MONACO_PBF).parent)
 DEFAULT_PBF = str(DATA_DIR / "monaco-2023.osm.pbf")
 TYPES = [ft.name for ft in BUILTIN_FEATURE_TYPES]
-SNAPSHOT = "{{ params.snapshot or (logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}"
+# Empty: the operators use the run's date — its logical date, else (runs triggered from the UI
+# or `airflow dags trigger` have none) its run_after.
+SNAPSHOT = "{{ params.snapshot }}"
 SCHEMA = os.environ.get("MEMSAFE_FACTS_SCHEMA") or "public"
 FACTS = fact_table_asset_from_env(schema=SCHEMA)
 
@@ -50,7 +54,9 @@ with DAG(
     params={
         "pbf_path": Param(DEFAULT_PBF, type="string", description="OSM PBF extract"),
         "region_id": Param("monaco", type="string", description="region key of the rows"),
-        "snapshot": Param("", type="string", description="snapshot key; empty = run date"),
+        "snapshot": Param(
+            "", type="string", description="YYYY-MM-DD or ISO date-time; empty = the run's date"
+        ),
         "conn_id": Param("osm_facts", type="string", description="facts database connection"),
         "reprocess": Param(
             False, type="boolean", description="recompute types already landed from this file"
