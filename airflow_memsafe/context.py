@@ -8,6 +8,7 @@ logical date in Airflow 3 (the ``logical_date`` template variable is then undefi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC
 from typing import Any
 
 from airflow_memsafe.storage.identifiers import snapshot_of, validate_snapshot
@@ -41,5 +42,7 @@ def run_snapshot(context: Mapping[str, Any], snapshot: str | None) -> str:
     """``snapshot`` validated and canonical; empty or None: the run's date (``YYYY-MM-DD``,
     UTC, from :func:`run_date`)."""
     if snapshot is None or (isinstance(snapshot, str) and not snapshot.strip()):
-        return snapshot_of(run_date(context).date())
+        moment = run_date(context)
+        utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+        return snapshot_of(utc.date())
     return validate_snapshot(snapshot)

@@ -45,6 +45,18 @@ def test_impossible_in_memory_index_refused_with_advice() -> None:
         plan_feature_type(2048 * 2**20, "buildings", settings, limit_mb=1024, baseline_mb=150)
 
 
+def test_small_limit_advice_names_what_dominates_not_the_tiny_index() -> None:
+    # A 0.5 MB input under a 100 MB limit: the in-memory index is ~1 MB, the baseline is
+    # what does not fit; advising a file-backed index would not help (issue 12, trial 7).
+    with pytest.raises(MemoryBudgetExceeded) as err:
+        plan_feature_type(
+            MONACO.stat().st_size, "roads", MemsafeSettings(), limit_mb=100, baseline_mb=90
+        )
+    message = str(err.value)
+    assert "node_index" not in message and "sparse_file_array" not in message
+    assert "give the worker (memory_limit_mb) at least" in message
+
+
 def test_budget_smaller_than_the_process_refuses_real_run() -> None:
     # memory_limit_mb below this very process's working set: refused, nothing read.
     settings = MemsafeSettings(memory_limit_mb=64)
