@@ -9,13 +9,19 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-py311.txt
+	@echo "make install: creating $(VENV)/ from the lock file (constraints-py311.txt), ~2 minutes ..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -c constraints-py311.txt -e ".[dev]"
+	@# pip's progress, one line per package (errors in full); fails when pip fails
+	{ $(BIN)/pip install --progress-bar off -c constraints-py311.txt -e ".[dev]" 2>&1; \
+	  echo "pip-exit $$?"; } | tee $(VENV)/install.log \
+	  | grep --line-buffered -E "^(Collecting|Processing|ERROR|error|Successfully)" | cut -c1-100 || true
+	@grep -q "^pip-exit 0$$" $(VENV)/install.log || { echo "make install: pip failed, see $(VENV)/install.log"; exit 1; }
 	touch $(STAMP)
+	@echo "make install: done ($(VENV)/, $$($(BIN)/pip list 2>/dev/null | wc -l) packages)"
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(if $(REPROCESS),--reprocess)
 
 # The docker-compose topology for real, without Docker: PostgreSQL, Redis, Airflow (Celery,
 # worker in a 1 GiB memory cgroup; needs root). `make stack PBF=big.osm.pbf STACK_ARGS=...`

@@ -7,6 +7,7 @@ tree); skipped, saying so, only when pip cannot reach either.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,9 @@ def test_wheel_holds_every_module_and_the_provider_entry_point(
     sources = {p.relative_to(src).as_posix() for p in (src / "airflow_memsafe").rglob("*.py")}
     assert sources - names == set()
     assert "airflow_memsafe/py.typed" in names
+    # the example DAGs' defaults: shipped, with their licence
+    for sample in ("monaco-2023.osm.pbf", "monaco-grid.geojson", "PROVENANCE.md"):
+        assert f"airflow_memsafe/samples/{sample}" in names, sample
     assert "provider_info = airflow_memsafe.provider:get_provider_info" in entry_text
     assert "airflow-memsafe = airflow_memsafe.cli:main" in entry_text
 
@@ -109,3 +113,20 @@ def test_wheel_installs_into_a_clean_venv_and_works(
     assert name == "airflow-memsafe" and info_version == version
     usage = _run([str(venv / "bin" / "airflow-memsafe"), "--help"], cwd=tmp_path)
     assert "extract" in usage and "export" in usage
+    # The example DAG copied out of the checkout finds its default PBF in the package.
+    code = (
+        "from airflow_memsafe.samples import MONACO_PBF, sample_path\n"
+        "print(sample_path(MONACO_PBF))\n"
+    )
+    sample = _run([str(python), "-c", code], cwd=tmp_path).strip().splitlines()[-1]
+    assert sample.startswith(str(venv)), sample
+    extract = subprocess.run(
+        [str(venv / "bin" / "airflow-memsafe"), "extract", sample, "--types", "roads", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    [roads] = json.loads(extract.stdout)
+    assert roads["feature_count"] == 2852
