@@ -26,8 +26,8 @@ RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" \
     && python -c "import airflow_memsafe, osmium, shapely, pyproj" \
     && rm -rf build *.egg-info
 
-# Defaults baked into the image; docker-compose.yaml mounts ./dags and ./data over them.
+# The example DAGs, baked in; docker-compose.yaml mounts ./dags over them (and ./data, for
+# your PBF files, at /opt/airflow/data). Their default input is the Monaco sample installed
+# with the package (airflow_memsafe/samples), so no data needs copying into the image.
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
-COPY --chown=airflow:0 data/ /opt/airflow/data/
-ENV MEMSAFE_DATA_DIR=/opt/airflow/data
 WORKDIR /opt/airflow

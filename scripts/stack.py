@@ -8,24 +8,40 @@ Starts, as ordinary processes on free ports of 127.0.0.1:
 - Redis (``redis-server``, no persistence) as the Celery broker;
 - ``airflow db migrate`` and the ``osm_extract`` pool (what ``airflow-init`` does), then
   ``airflow api-server``, ``scheduler``, ``dag-processor``, ``triggerer`` (optional) and
-  ``celery worker`` with CeleryExecutor. The worker's whole process tree (Celery pool, task
-  supervisors, task processes, libosmium threads) runs inside a 1 GiB memory cgroup, like
-  the compose worker's ``mem_limit: 1g`` (``airflow_memsafe.memory.harness``).
+  ``--workers N`` (default 2) ``celery worker`` processes with CeleryExecutor, as
+  ``docker compose up --scale airflow-worker=N`` would. Each worker's whole process tree
+  (Celery pool, task supervisors, task processes, libosmium threads) runs inside its own
+  1 GiB memory cgroup, like the compose worker's ``mem_limit: 1g``
+  (``airflow_memsafe.memory.harness``), and in its own UTS namespace with its own host name
+  (``memsafe-w1``, ...; a container's host name), private ``TMPDIR`` and extraction-slots
+  directory (``AIRFLOW__MEMSAFE__SLOTS_DIR``: per-host slots) and log-server port.
 
 Every Airflow process gets the environment of its docker-compose.yaml service (defaults
-resolved), with host names, container paths and ports replaced by local ones
-(:func:`airflow_env`). Then the example DAG ``osm_region_features`` is triggered through the
-REST API on a PBF (the Monaco sample by default), the run is awaited, its state and the 8 rows
-in ``osm_facts.public.fact_geo_region_features`` are checked, and the worker cgroup's peak
-memory is reported. A second run with a facts connection pointing at a closed port checks
-that the extract task fails with a one-line error naming the connection id. Everything is
-torn down by the PIDs started here (process groups, the cgroup), also on failure, timeout or
-Ctrl-C.
+resolved, ``MEMSAFE_MAX_CONCURRENCY`` and ``MEMSAFE_EXTRACT_POOL_SLOTS`` set to N as a
+``.env`` would), with host names, container paths and ports replaced by local ones
+(:func:`airflow_env`). The DAGs folder holds the repository's ``dags/*.py`` and the README's
+"Add a feature type" snippet as a DAG file (``readme_schools``, :func:`readme_schools_dag`).
 
-    python scripts/stack.py [--pbf FILE] [--region-id ID] [--no-triggerer] [--json FILE]
+Then, like a user pressing Trigger in the UI, each DAG is unpaused and triggered through the
+REST API with ``logical_date: null`` and an empty conf, so the default params are used: the
+Monaco sample shipped in the package, snapshot = the run's date. ``--pbf FILE`` instead
+triggers ``osm_region_features`` with a conf naming the file (big extracts). Checked: every
+run succeeds; the 8 rows of ``osm_region_features`` (found by the snapshot the tasks pushed
+to XCom and by their ``run_id`` lineage) and the 72 rows of ``osm_many_regions`` equal what
+``airflow-memsafe extract`` computes from the same file in one process; the schools row
+equals the amenities row's ``school`` class; the extract tasks were spread over all workers
+(task instance ``hostname``), no worker ran two at once (start/end per host), no task waited
+for an extraction slot; no worker cgroup saw an OOM kill. Each worker cgroup's peak memory is
+reported. A last run, triggered with ``airflow dags trigger -c`` (the documented CLI) and a
+facts connection pointing at a closed port, checks that the extract task fails with a
+one-line error naming the connection id. Everything is torn down
+by the PIDs started here (process groups, the cgroups), also on failure, timeout or Ctrl-C.
+
+    python scripts/stack.py [--workers N] [--pbf FILE] [--region-id ID] [--no-triggerer]
+                            [--json FILE]
 
 Exit status: 0 all checks passed, 1 a check failed, 2 something this needs is missing here
-(no writable memory cgroup, no PostgreSQL or Redis binaries).
+(no writable memory cgroup, no PostgreSQL or Redis binaries, no ``unshare``).
 """
 
 from __future__ import annotations
@@ -33,7 +49,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
+import itertools
 import json
+import math
 import os
 import pwd
 import re
@@ -44,6 +63,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -57,13 +77,20 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMPOSE_FILE = REPO / "docker-compose.yaml"
+README = REPO / "README.md"
 INIT_SCRIPT = REPO / "deploy" / "postgres-init" / "10-facts-db.sh"
-DEFAULT_PBF = REPO / "data" / "monaco-2023.osm.pbf"
-DEFAULT_STATE_DIR = REPO / ".stack"
 DAG_ID = "osm_region_features"
+REGIONS_DAG_ID = "osm_many_regions"
+SCHOOLS_DAG_ID = "readme_schools"
+SCHOOLS_DAG_FILE = "readme_schools.py"
+#: The README snippet's stand-in for the user's PBF; the DAG file gets a real one.
+README_PBF_PLACEHOLDER = "/data/region.osm.pbf"
 N_FEATURE_TYPES = 8
 WORKER_LIMIT_MB = 1024
+DEFAULT_WORKERS = 2
 BAD_CONN_ID = "memsafe_stack_bad"
+#: What the extract operator logs when it has to wait for a per-host extraction slot.
+SLOT_WAIT_MESSAGE = "extraction slot(s) busy"
 
 #: compose service -> whether the stack needs it for a run (the triggerer is optional: the
 #: example DAG's sensor reschedules instead of deferring).
@@ -101,9 +128,11 @@ STACK_ONLY = {
     "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT",
     "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES",
     f"AIRFLOW_CONN_{BAD_CONN_ID.upper()}",
-    # a private /tmp, as each container has: the engine's host-wide extraction slots
-    # (file locks under tempfile.gettempdir()) must not be shared with other processes here
+    # a private /tmp, as each container has: the engine's default extraction-slot locks
+    # (under tempfile.gettempdir()) must not be shared with other processes here
     "TMPDIR",
+    # each worker's own slots directory (in a container: its private /tmp), set explicitly
+    "AIRFLOW__MEMSAFE__SLOTS_DIR",
 }
 #: The compose postgres service's variables, all read by the stack.
 POSTGRES_ENV = ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB")
@@ -126,13 +155,25 @@ _INTERPOLATION = re.compile(
 )
 
 
-def resolve_defaults(value: str) -> str:
-    """Substitute every ``${VAR:-default}`` with its default, as compose does with no .env."""
+def resolve_defaults(value: str, variables: Mapping[str, str] | None = None) -> str:
+    """Interpolate ``${VAR:-default}`` etc. as compose does: ``variables`` play the part of
+    the ``.env`` file (none: every default)."""
+    variables = variables or {}
 
     def repl(m: re.Match[str]) -> str:
         if m.group("bare"):
-            return ""
-        return m.group("arg") if m.group("op") in (":-", "-") else ""
+            return variables.get(m.group("bare"), "")
+        name, op, arg = m.group("braced"), m.group("op"), m.group("arg")
+        value = variables.get(name)
+        if op in (":-", ":?"):
+            return value if value else (arg if op == ":-" else "")
+        if op in ("-", "?"):
+            return value if value is not None else (arg if op == "-" else "")
+        if op == ":+":
+            return arg if value else ""
+        if op == "+":
+            return arg if value is not None else ""
+        return value or ""
 
     return _INTERPOLATION.sub(repl, value.replace("$$", "\0")).replace("\0", "$")
 
@@ -144,17 +185,25 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
         return yaml.safe_load(fh)
 
 
-def compose_env(compose: Mapping[str, Any], service: str) -> dict[str, str]:
-    """A service's environment with the compose defaults resolved."""
+def compose_env(
+    compose: Mapping[str, Any], service: str, variables: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """A service's environment, interpolated with ``variables`` (else the defaults)."""
     env = compose["services"][service].get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {k: resolve_defaults("" if v is None else str(v)) for k, v in env.items()}
+    return {k: resolve_defaults("" if v is None else str(v), variables) for k, v in env.items()}
 
 
 def compose_command(compose: Mapping[str, Any], service: str) -> list[str]:
     command = compose["services"][service]["command"]
     return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def stack_variables(workers: int) -> dict[str, str]:
+    """What the stack puts in compose's ``.env``: N workers take N extraction tasks at once
+    (``max_active_tasks`` of the example DAGs and the ``osm_extract`` pool)."""
+    return {"MEMSAFE_MAX_CONCURRENCY": str(workers), "MEMSAFE_EXTRACT_POOL_SLOTS": str(workers)}
 
 
 @dataclass(frozen=True)
@@ -166,10 +215,11 @@ class Layout:
     redis_port: int
     api_port: int
     scheduler_health_port: int
-    worker_log_port: int
+    worker_log_port: int  # worker 1's log server
     trigger_log_port: int
     closed_port: int  # nothing listens here: the bad facts connection
     jwt_secret: str
+    more_worker_log_ports: tuple[int, ...] = ()  # workers 2, 3, ...
 
     @property
     def pg_dir(self) -> Path:
@@ -182,6 +232,10 @@ class Layout:
     @property
     def home(self) -> Path:
         return self.state / "airflow"
+
+    @property
+    def dags(self) -> Path:
+        return self.state / "dags"
 
     @property
     def logs(self) -> Path:
@@ -199,10 +253,21 @@ class Layout:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
+    @property
+    def workers(self) -> int:
+        return 1 + len(self.more_worker_log_ports)
+
+    def worker_dir(self, index: int) -> Path:
+        return self.state / "workers" / f"w{index}"
+
+    def worker_log_port_of(self, index: int) -> int:
+        return self.worker_log_port if index == 1 else self.more_worker_log_ports[index - 2]
+
     @classmethod
-    def allocate(cls, state: Path) -> Layout:
-        ports = _free_ports(7)
-        return cls(state, *ports, jwt_secret=secrets.token_hex(32))
+    def allocate(cls, state: Path, workers: int = 1) -> Layout:
+        ports = _free_ports(7 + workers - 1)
+        return cls(state, *ports[:7], jwt_secret=secrets.token_hex(32),
+                   more_worker_log_ports=tuple(ports[7:]))  # fmt: skip
 
 
 def _free_ports(n: int) -> list[int]:
@@ -218,13 +283,19 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def airflow_env(compose: Mapping[str, Any], service: str, layout: Layout) -> dict[str, str]:
+def airflow_env(
+    compose: Mapping[str, Any],
+    service: str,
+    layout: Layout,
+    variables: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The Airflow variables of one compose service, localised for this machine.
 
     Host names become 127.0.0.1 and the stack's ports, container paths become folders under
     the state dir, the JWT secret is random per stack, and the FAB auth manager (not installed
     in a plain venv) is replaced by SimpleAuthManager with every request an admin — acceptable
-    because everything listens on 127.0.0.1 only. Values are otherwise compose's defaults.
+    because everything listens on 127.0.0.1 only. Values are otherwise compose's, interpolated
+    with ``variables`` as from a ``.env`` file (default: none, compose's defaults).
     """
     replacements = {
         "@postgres:5432/": f"@127.0.0.1:{layout.pg_port}/",
@@ -236,7 +307,7 @@ def airflow_env(compose: Mapping[str, Any], service: str, layout: Layout) -> dic
         "/opt/airflow/scratch": str(layout.scratch),
     }
     env = {}
-    for name, value in compose_env(compose, service).items():
+    for name, value in compose_env(compose, service, variables).items():
         if name in CONTAINER_ONLY:
             continue
         for old, new in replacements.items():
@@ -249,7 +320,7 @@ def airflow_env(compose: Mapping[str, Any], service: str, layout: Layout) -> dic
     env.update(
         {
             "AIRFLOW_HOME": str(layout.home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(layout.dags),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(layout.api_port),
@@ -268,12 +339,79 @@ def airflow_env(compose: Mapping[str, Any], service: str, layout: Layout) -> dic
     return env
 
 
+def worker_hostname(index: int) -> str:
+    """Host name of worker ``index`` (its UTS namespace's, as a container has its own)."""
+    return f"memsafe-w{index}"
+
+
+def worker_env(
+    compose: Mapping[str, Any],
+    layout: Layout,
+    index: int,
+    variables: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Worker ``index``'s environment: the compose worker's, with its own log-server port,
+    ``TMPDIR`` and extraction-slots directory (per-host slots, as in one container each)."""
+    env = airflow_env(compose, "airflow-worker", layout, variables)
+    own = layout.worker_dir(index)
+    env.update(
+        {
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(layout.worker_log_port_of(index)),
+            "TMPDIR": str(own / "tmp"),
+            "AIRFLOW__MEMSAFE__SLOTS_DIR": str(own / "slots"),
+        }
+    )
+    return env
+
+
 def _base_env() -> dict[str, str]:
     """This process's environment without anything that would leak into the stack."""
     prefixes = ("AIRFLOW", "MEMSAFE_", "PG", "POSTGRES_", "FACTS_", "_AIRFLOW")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
     return env
+
+
+# --------------------------------------------------------------------------------------------
+# the README's custom feature type, as a DAG file
+
+
+def readme_schools_snippet(readme: Path = README) -> str:
+    """The README's "Add a feature type" code block (the ``SchoolsExtractOperator``)."""
+    blocks = re.findall(r"^```python\n(.*?)^```", readme.read_text(), re.MULTILINE | re.DOTALL)
+    found = [b for b in blocks if "class SchoolsExtractOperator" in b]
+    if len(found) != 1:
+        raise StackError(f"{readme}: expected one python block defining SchoolsExtractOperator, "
+                         f"found {len(found)}")  # fmt: skip
+    return found[0]
+
+
+def readme_schools_dag(pbf_path: str | Path, readme: Path = README) -> str:
+    """A DAG file running the README snippet unchanged, but for the PBF path a user fills in.
+
+    The snippet goes inside ``with DAG(...)`` (a ``with`` block is no scope: the operator
+    class stays a module-level class) and is triggered like the other DAGs, with no conf:
+    its snapshot is the operator's default, the run's date."""
+    snippet = readme_schools_snippet(readme)
+    placeholder = json.dumps(README_PBF_PLACEHOLDER)
+    if placeholder in snippet:
+        snippet = snippet.replace(placeholder, json.dumps(str(pbf_path)), 1)
+    header = f'''\
+"""The README's "Add a feature type" snippet as a DAG (written by scripts/stack.py)."""
+
+from datetime import datetime
+
+from airflow.sdk import DAG
+
+with DAG(
+    dag_id={SCHOOLS_DAG_ID!r},
+    schedule=None,
+    start_date=datetime(2024, 1, 1),
+    catchup=False,
+    tags=["memsafe", "readme"],
+) as dag:
+'''
+    return header + textwrap.indent(snippet, "    ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +441,15 @@ def missing_prerequisites() -> str | None:
 
     reason = cgroup_available()
     if reason is not None:
-        return f"no writable memory cgroup for the 1 GiB worker: {reason}"
+        return f"no writable memory cgroup for the 1 GiB workers: {reason}"
+    unshare = shutil.which("unshare")
+    probe = (
+        subprocess.run([unshare, "--uts", "true"], capture_output=True, timeout=10)
+        if unshare
+        else None
+    )
+    if probe is None or probe.returncode != 0:
+        return "cannot give each worker its own host name (`unshare --uts` from util-linux)"
     return None
 
 
@@ -342,7 +488,7 @@ class Component:
     name: str
     proc: subprocess.Popen[bytes]
     log: Path
-    group: Any = None  # the harness's memory cgroup (worker only)
+    group: Any = None  # the harness's memory cgroup (workers only)
     stop_signal: int = signal.SIGTERM
     signal_group: bool = True  # signal the whole process group (session), not only the leader
 
@@ -391,7 +537,7 @@ def _stop(component: Component, grace_s: float) -> None:
 
 
 class MemorySampler(threading.Thread):
-    """Samples the worker cgroup's anonymous memory (the kernel keeps only the total peak)."""
+    """Samples a worker cgroup's anonymous memory (the kernel keeps only the total peak)."""
 
     def __init__(self, group: Any, interval_s: float = 0.1) -> None:
         super().__init__(daemon=True, name="cgroup-sampler")
@@ -415,6 +561,23 @@ class MemorySampler(threading.Thread):
         self.join(timeout=5)
 
 
+@dataclass
+class Worker:
+    """One Celery worker: its own host name, memory cgroup, slots dir and log port."""
+
+    index: int
+    component: Component
+    sampler: MemorySampler
+    hostname: str
+    slots_dir: Path
+    celery_node: str | None = None  # from the "celery@host ready." banner
+    concurrency: str | None = None  # from the banner
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+
 # --------------------------------------------------------------------------------------------
 # the stack
 
@@ -425,12 +588,14 @@ class Report:
     pbf: str = ""
     region_id: str = ""
     snapshot: str = ""
+    mode: str = ""  # "ui" (no conf, default params) or "conf" (--pbf)
     run_id: str = ""
     run_state: str | None = None
     tasks: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
-    worker_memory: dict[str, Any] = field(default_factory=dict)
-    worker_concurrency: str | None = None
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> run details
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ok, detail
     bad_connection: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     components: dict[str, int] = field(default_factory=dict)
@@ -453,14 +618,14 @@ class Stack:
     ) -> None:
         self.layout = layout
         self.compose = load_compose()
+        self.variables = stack_variables(layout.workers)
         self.triggerer = triggerer
         self.limit_mb = limit_mb
         self.log = log
         self.components: list[Component] = []
-        self.sampler: MemorySampler | None = None
-        self.worker: Component | None = None
+        self.workers: list[Worker] = []
         self.bindir = pg_bindir()
-        pg_env = compose_env(self.compose, "postgres")
+        pg_env = compose_env(self.compose, "postgres", self.variables)
         self.pg = {k: pg_env[k] for k in (*POSTGRES_ENV, *FACTS_ENV)}
         self.base_env = _base_env()
         self._as_postgres: dict[str, Any] = {}
@@ -478,7 +643,7 @@ class Stack:
     # ---------------------------------------------------------------- helpers ----------
 
     def env(self, service: str) -> dict[str, str]:
-        return {**self.base_env, **airflow_env(self.compose, service, self.layout)}
+        return {**self.base_env, **airflow_env(self.compose, service, self.layout, self.variables)}
 
     def _logfile(self, name: str) -> tuple[Path, Any]:
         path = self.layout.logs / f"{name}.log"
@@ -561,13 +726,29 @@ class Stack:
                 os.kill(pid, 0)
                 raise StackError(f"another stack seems to be running in {state} (pid {pid})")
         shutil.rmtree(state, ignore_errors=True)
-        for d in (state, self.layout.logs, self.layout.home, self.layout.scratch, self.layout.tmp):
+        dirs = [state, self.layout.logs, self.layout.home, self.layout.scratch, self.layout.tmp]
+        for index in range(1, self.layout.workers + 1):
+            dirs += [self.layout.worker_dir(index) / "tmp", self.layout.worker_dir(index) / "slots"]
+        for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
         state.chmod(0o755)  # the postgres user must traverse it
         (self.layout.home / "config").mkdir(exist_ok=True)
         self.layout.pg_dir.mkdir(mode=0o700)
         if self._as_postgres:
             os.chown(self.layout.pg_dir, self._as_postgres["user"], self._as_postgres["group"])
+
+    def write_dags(self, schools_pbf: str | Path) -> list[str]:
+        """The DAGs folder, as a user fills theirs: the repository's DAG files and the
+        README's custom-type snippet as its own DAG file."""
+        dags = self.layout.dags
+        dags.mkdir(parents=True, exist_ok=True)
+        names = []
+        for source in sorted((REPO / "dags").glob("*.py")):
+            shutil.copy2(source, dags / source.name)
+            names.append(source.name)
+        (dags / SCHOOLS_DAG_FILE).write_text(readme_schools_dag(schools_pbf))
+        names.append(SCHOOLS_DAG_FILE)
+        return names
 
     def start_postgres(self) -> None:
         assert self.bindir is not None
@@ -704,34 +885,50 @@ class Stack:
             raise StackError(f"airflow db migrate failed; last lines of {path}:\n{_tail(path)}")
 
     def start_airflow(self) -> None:
-        from airflow_memsafe.memory.harness import start_in_memory_cgroup
-
         for service, needed in SERVICES.items():
             if not needed and not self.triggerer:
                 continue
-            name = service.removeprefix("airflow-")
-            cmd = [str(BIN / "airflow"), *compose_command(self.compose, service)]
-            env = self.env(service)
-            if service != "airflow-worker":
-                self._spawn(name, cmd, env)
+            if service == "airflow-worker":
+                for index in range(1, self.layout.workers + 1):
+                    self.start_worker(index)
                 continue
-            path, fh = self._logfile(name)
-            with _signals_deferred():
-                proc, group = start_in_memory_cgroup(
-                    cmd,
-                    self.limit_mb,
-                    env=env,
-                    cwd=self.layout.state,
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-                # compose sets DUMB_INIT_SETSID=0 so that only the Celery main process gets
-                # the stop signal (warm shutdown); signal the leader only, the same way
-                self.worker = Component(name, proc, path, group=group, signal_group=False)
-                self.components.append(self.worker)
-            self.sampler = MemorySampler(group)
-            self.sampler.start()
+            cmd = [str(BIN / "airflow"), *compose_command(self.compose, service)]
+            self._spawn(service.removeprefix("airflow-"), cmd, self.env(service))
+
+    def start_worker(self, index: int) -> Worker:
+        """``airflow celery worker`` (the compose command) in its own 1 GiB memory cgroup and
+        UTS namespace: the host name Celery (``celery@<host>``) and the task instances
+        (``hostname``) report is the worker's own, as in a container."""
+        from airflow_memsafe.memory.harness import start_in_memory_cgroup
+
+        name = f"worker-{index}"
+        hostname = worker_hostname(index)
+        env = {**self.base_env, **worker_env(self.compose, self.layout, index, self.variables)}
+        airflow = [str(BIN / "airflow"), *compose_command(self.compose, "airflow-worker")]
+        # unshare and sh exec into the next program: the cgroup member stays the one PID
+        cmd = ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', hostname,
+               *airflow]  # fmt: skip
+        path, fh = self._logfile(name)
+        with _signals_deferred():
+            proc, group = start_in_memory_cgroup(
+                cmd,
+                self.limit_mb,
+                env=env,
+                cwd=self.layout.state,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            # compose sets DUMB_INIT_SETSID=0 so that only the Celery main process gets
+            # the stop signal (warm shutdown); signal the leader only, the same way
+            component = Component(name, proc, path, group=group, signal_group=False)
+            self.components.append(component)
+            sampler = MemorySampler(group)
+            worker = Worker(index, component, sampler, hostname,
+                            Path(env["AIRFLOW__MEMSAFE__SLOTS_DIR"]))  # fmt: skip
+            self.workers.append(worker)
+        sampler.start()
+        return worker
 
     def wait_healthy(self) -> None:
         def healthy() -> bool:
@@ -755,77 +952,125 @@ class Stack:
 
         self.wait_until("the scheduler health check server", scheduler_health, 60)
 
-        def dag_parsed() -> bool:
-            status, _ = self.api("GET", f"/api/v2/dags/{DAG_ID}")
-            if status == 200:
-                return True
-            _, errors = self.api("GET", "/api/v2/importErrors")
-            if isinstance(errors, dict) and errors.get("import_errors"):
-                raise StackError(f"DAG import errors: {errors['import_errors']}")
-            return False
+        for dag_id in (DAG_ID, REGIONS_DAG_ID, SCHOOLS_DAG_ID):
 
-        self.wait_until(f"the DAG processor to parse {DAG_ID}", dag_parsed, 120)
+            def dag_parsed(dag_id: str = dag_id) -> bool:
+                status, _ = self.api("GET", f"/api/v2/dags/{dag_id}")
+                if status == 200:
+                    return True
+                _, errors = self.api("GET", "/api/v2/importErrors")
+                if isinstance(errors, dict) and errors.get("import_errors"):
+                    raise StackError(f"DAG import errors: {errors['import_errors']}")
+                return False
 
-        def worker_ready() -> str | None:  # celery prints "celery@host ready." once consuming
-            assert self.worker is not None
-            text = self.worker.log.read_text(errors="replace")
-            return text if " ready." in text else None
+            self.wait_until(f"the DAG processor to parse {dag_id}", dag_parsed, 120)
 
-        banner = self.wait_until("the Celery worker to be ready", worker_ready, 120)
-        m = re.search(r"concurrency:\s*(\d+)", banner)
-        self.worker_concurrency = m.group(1) if m else None
+        for worker in self.workers:
+
+            def worker_ready(worker: Worker = worker) -> str | None:
+                # celery prints "celery@host ready." once consuming
+                text = worker.component.log.read_text(errors="replace")
+                return text if " ready." in text else None
+
+            banner = self.wait_until(f"Celery {worker.name} to be ready", worker_ready, 120)
+            m = re.search(r"concurrency:\s*(\d+)", banner)
+            worker.concurrency = m.group(1) if m else None
+            m = re.search(r"(\S+@\S+) ready\.", banner)
+            worker.celery_node = m.group(1) if m else None
 
     def create_pool(self) -> None:
-        slots = int(compose_env(self.compose, "airflow-init")["MEMSAFE_EXTRACT_POOL_SLOTS"])
+        slots = int(self.variables["MEMSAFE_EXTRACT_POOL_SLOTS"])
         self._api_ok(
             "POST",
             "/api/v2/pools",
             {"name": "osm_extract", "slots": slots, "description": "airflow-memsafe extractions"},
         )
 
-    def trigger(self, run_id: str, conf: dict[str, Any]) -> None:
-        self._api_ok("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
-        self._api_ok(
-            "POST",
-            f"/api/v2/dags/{DAG_ID}/dagRuns",
-            {"dag_run_id": run_id, "logical_date": None, "conf": conf},
-        )
+    def dag_details(self, dag_id: str) -> dict[str, Any]:
+        return self._api_ok("GET", f"/api/v2/dags/{dag_id}/details")
 
-    def run_state(self, run_id: str) -> str | None:
-        status, body = self.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+    def default_param(self, dag_id: str, name: str) -> Any:
+        """A param's default as the DAG processor parsed it (what a no-conf run uses)."""
+        param = (self.dag_details(dag_id).get("params") or {}).get(name)
+        return param.get("value") if isinstance(param, dict) else param
+
+    def trigger(
+        self, dag_id: str, conf: dict[str, Any] | None = None, run_id: str | None = None
+    ) -> dict[str, Any]:
+        """Unpause and trigger as the UI's Trigger button does: no logical date; ``conf``
+        None = no conf (``{}``), run id chosen by Airflow unless given. Returns the run."""
+        self._api_ok("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        body: dict[str, Any] = {"logical_date": None, "conf": conf or {}}
+        if run_id is not None:
+            body["dag_run_id"] = run_id
+        return self._api_ok("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)
+
+    def airflow_cli(self, *args: str, timeout_s: float = 120) -> str:
+        """``airflow ARGS`` with the API server's environment (what ``docker compose exec
+        airflow-apiserver airflow ...`` runs)."""
+        path, fh = self._logfile("airflow-cli")
+        fh.write(f"$ airflow {shlex.join(args)}\n".encode())
+        fh.flush()
+        result = subprocess.run(
+            [str(BIN / "airflow"), *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=self.env("airflow-apiserver"),
+            cwd=self.layout.state,
+            timeout=timeout_s,
+        )
+        if result.returncode != 0:
+            raise StackError(f"airflow {shlex.join(args)} failed; see {path}:\n{_tail(path)}")
+        return str(path)
+
+    def run_state(self, dag_id: str, run_id: str) -> str | None:
+        status, body = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
         return body.get("state") if status == 200 and isinstance(body, dict) else None
 
-    def task_instances(self, run_id: str) -> list[dict[str, Any]]:
-        body = self._api_ok("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        body = self._api_ok("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         return [
             {
                 "task_id": ti["task_id"],
                 "state": ti.get("state"),
                 "try_number": ti.get("try_number"),
                 "duration_s": ti.get("duration"),
+                "hostname": ti.get("hostname"),
+                "start_date": ti.get("start_date"),
+                "end_date": ti.get("end_date"),
             }
             for ti in body.get("task_instances", [])
         ]
 
-    def task_log(self, run_id: str, task_id: str, attempt: int) -> Path:
+    def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
+        body = self._api_ok(
+            "GET",
+            f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+            "/xcomEntries/return_value?deserialize=true",
+        )
+        value = body.get("value") if isinstance(body, dict) else None
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return json.loads(value)
+        return value
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, attempt: int) -> Path:
         return (
             self.layout.home
             / "logs"
-            / f"dag_id={DAG_ID}"
+            / f"dag_id={dag_id}"
             / f"run_id={run_id}"
             / f"task_id={task_id}"
             / f"attempt={attempt}.log"
         )
 
-    def worker_processes(self) -> list[str]:
-        """What the worker cgroup holds, as "name (RSS MiB)" (RSS counts shared pages of
+    def worker_processes(self, worker: Worker) -> list[str]:
+        """What a worker cgroup holds, as "name (RSS MiB)" (RSS counts shared pages of
         forked processes in each of them)."""
         import psutil
 
-        if self.worker is None or self.worker.group is None:
-            return []
         found = []
-        for pid in self.worker.group.pids():
+        for pid in worker.component.group.pids():
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(pid)
                 name = " ".join(proc.cmdline()[:4]).replace(str(BIN) + "/", "") or proc.name()
@@ -833,18 +1078,16 @@ class Stack:
                 found.append(f"{name} ({proc.memory_info().rss / _MIB:.0f} MiB)")
         return found
 
-    def worker_memory(self) -> dict[str, Any]:
-        if self.worker is None or self.worker.group is None:
-            return {}
-        group = self.worker.group
-        sampler = self.sampler
-        peak = group.peak_bytes() or (sampler.peak_usage if sampler else 0)
+    def worker_memory(self, worker: Worker) -> dict[str, Any]:
+        group = worker.component.group
+        sampler = worker.sampler
+        peak = group.peak_bytes() or sampler.peak_usage
         return {
             "limit_mb": self.limit_mb,
             "cgroup": str(group.path),
             "cgroup_version": group.version,
             "peak_mb": round(peak / _MIB, 1) if peak else None,
-            "peak_anon_mb": round(sampler.peak_anon / _MIB, 1) if sampler else None,
+            "peak_anon_mb": round(sampler.peak_anon / _MIB, 1),
             "oom_kills": group.oom_kills(),
         }
 
@@ -855,14 +1098,15 @@ class Stack:
             self._teardown()
 
     def _teardown(self) -> None:
-        if self.sampler is not None:
-            self.sampler.stop()
-        # the worker first (warm shutdown), then the other Airflow components together, then
+        for worker in self.workers:
+            worker.sampler.stop()
+        # the workers first (warm shutdown), then the other Airflow components together, then
         # Redis, PostgreSQL last: nothing loses its database or broker while still running
         infra = ("postgres", "redis")
+        workers = [w.component for w in self.workers]
         stages = [
-            [c for c in self.components if c is self.worker],
-            [c for c in self.components if c is not self.worker and c.name not in infra],
+            workers,
+            [c for c in self.components if c not in workers and c.name not in infra],
             *([c for c in self.components if c.name == name] for name in infra[::-1]),
         ]
 
@@ -886,10 +1130,17 @@ class Stack:
 
 
 # --------------------------------------------------------------------------------------------
-# one full run
+# checks
 
 
-def _fetch_rows(stack: Stack, region_id: str, snapshot: str) -> list[dict[str, Any]]:
+_ROW_COLUMNS = (
+    "region_id, feature_type, snapshot, feature_count, length_km, area_km2, skipped_count, "
+    "class_counts, peak_memory_mb, duration_s, source_file, source_sha256, dag_id, run_id, "
+    "task_id"
+)
+
+
+def _fetch_rows(stack: Stack, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
     import psycopg
 
     pg = stack.pg
@@ -902,13 +1153,109 @@ def _fetch_rows(stack: Stack, region_id: str, snapshot: str) -> list[dict[str, A
         connect_timeout=10,
     ) as conn:
         cur = conn.execute(
-            "SELECT feature_type, feature_count, length_km, area_km2, skipped_count, "
-            "peak_memory_mb, duration_s, task_id FROM public.fact_geo_region_features "
-            "WHERE region_id = %s AND snapshot = %s ORDER BY feature_type",
-            (region_id, snapshot),
+            f"SELECT {_ROW_COLUMNS} FROM public.fact_geo_region_features WHERE {where} "
+            "ORDER BY region_id, feature_type",
+            params,
         )
         names = [d.name for d in cur.description or []]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cli_extract(
+    pbf: Path, scratch: Path, regions: Path | None = None, timeout_s: float = 1800
+) -> list[dict]:
+    """``airflow-memsafe extract PBF --json``: the same engine without Airflow or a database,
+    in one process — the reference the rows of any number of workers must equal."""
+    cmd = [str(BIN / "airflow-memsafe"), "extract", str(pbf), "--json"]
+    if regions is not None:
+        cmd += ["--regions", str(regions)]
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = {**_base_env(), "TMPDIR": str(scratch), "AIRFLOW__MEMSAFE__SLOTS_DIR": str(scratch)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    if result.returncode != 0:
+        raise StackError(f"{shlex.join(cmd)} failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout)
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def compare_rows(
+    rows: list[dict[str, Any]], expected: list[dict[str, Any]], *, region_id: str | None = None
+) -> list[str]:
+    """Differences between fact rows and the CLI's output (counts, skipped and classes
+    exact, lengths and areas to 1e-9). Keyed by (region, type); ``region_id`` labels the
+    CLI's single-region output."""
+
+    def key(item: dict[str, Any], is_row: bool) -> tuple[str, str]:
+        region = item["region_id"] if is_row or region_id is None else region_id
+        return region, item["feature_type"]
+
+    got = {key(r, True): r for r in rows}
+    want = {key(e, False): e for e in expected}
+    problems = []
+    for k in sorted(set(got) | set(want)):
+        if k not in got or k not in want:
+            problems.append(f"{k}: {'no row' if k not in got else 'not in the CLI output'}")
+            continue
+        row, ref = got[k], want[k]
+        for name in ("feature_count", "skipped_count"):
+            if row[name] != ref[name]:
+                problems.append(f"{k}: {name} {row[name]} != CLI {ref[name]}")
+        for name in ("length_km", "area_km2"):
+            if not _close(row[name], ref[name]):
+                problems.append(f"{k}: {name} {row[name]} != CLI {ref[name]}")
+        if row["class_counts"] is not None and row["class_counts"] != ref["class_counts"]:
+            problems.append(f"{k}: class_counts differ")
+    return problems
+
+
+def _interval(ti: dict[str, Any]) -> tuple[dt.datetime, dt.datetime] | None:
+    if not ti.get("start_date") or not ti.get("end_date"):
+        return None
+    parse = dt.datetime.fromisoformat
+    return parse(ti["start_date"]), parse(ti["end_date"])
+
+
+def overlaps_per_host(tis: list[dict[str, Any]]) -> list[str]:
+    """Pairs of task instances that ran at the same time on the same host."""
+    by_host: dict[str, list[tuple[dt.datetime, dt.datetime, str]]] = {}
+    for ti in tis:
+        span = _interval(ti)
+        if span is not None:
+            by_host.setdefault(ti["hostname"] or "?", []).append((*span, ti["label"]))
+    found = []
+    for host, spans in by_host.items():
+        spans.sort()
+        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+            if start < end:
+                found.append(f"{host}: {a} and {b}")
+    return found
+
+
+def max_parallel(tis: list[dict[str, Any]]) -> int:
+    """Most task instances running at one moment (across hosts)."""
+    events = []
+    for ti in tis:
+        span = _interval(ti)
+        if span is not None:
+            events += [(span[0], 1), (span[1], -1)]
+    running = peak = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):  # ends before starts
+        running += step
+        peak = max(peak, running)
+    return peak
 
 
 def _task_failure(log_text: str) -> tuple[list[dict[str, Any]], list[str]] | None:
@@ -935,22 +1282,25 @@ def _check_bad_connection(stack: Stack, report: Report, conf: dict[str, Any], ti
     """Trigger a run whose facts connection points at a closed port; the first extract attempt
     must fail with one line naming the connection id (no psycopg traceback)."""
     run_id = f"stack_bad_conn__{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
-    stack.trigger(run_id, {**conf, "conn_id": BAD_CONN_ID})
+    # the command docs/deploy.md gives for a run on your own file (`docker compose exec
+    # airflow-apiserver airflow dags trigger ... -c '{...}'`), here with the bad connection
+    conf_text = json.dumps({**conf, "conn_id": BAD_CONN_ID})
+    stack.airflow_cli("dags", "trigger", DAG_ID, "--run-id", run_id, "-c", conf_text)
     result: dict[str, Any] = {"run_id": run_id, "conn_id": BAD_CONN_ID}
     report.bad_connection = result
 
     def first_failure() -> dict[str, Any] | None:
-        for ti in stack.task_instances(run_id):
+        for ti in stack.task_instances(DAG_ID, run_id):
             if ti["task_id"].startswith("extract_") and ti["state"] in ("up_for_retry", "failed"):
                 return ti
-        if stack.run_state(run_id) in ("success", "failed"):
+        if stack.run_state(DAG_ID, run_id) in ("success", "failed"):
             raise StackError(f"run {run_id} ended before an extract task failed")
         return None
 
     ti = stack.wait_until("the extract task with the bad connection to fail", first_failure,
                           timeout_s)  # fmt: skip
     result.update(task_id=ti["task_id"], task_state=ti["state"])
-    log_path = stack.task_log(run_id, ti["task_id"], 1)
+    log_path = stack.task_log(DAG_ID, run_id, ti["task_id"], 1)
     expected = f"Airflow connection '{BAD_CONN_ID}'"
 
     def logged() -> str | None:
@@ -973,31 +1323,92 @@ def _check_bad_connection(stack: Stack, report: Report, conf: dict[str, Any], ti
     result["ok"] = True
 
 
+# --------------------------------------------------------------------------------------------
+# one full run
+
+
+def default_sample(name: str) -> Path:
+    """A sample shipped in the package (the example DAGs' defaults), else under data/."""
+    with contextlib.suppress(ImportError, FileNotFoundError):
+        from airflow_memsafe.samples import sample_path
+
+        return Path(sample_path(name))
+    return REPO / "data" / name
+
+
+class _Checks:
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def __call__(self, name: str, ok: bool, detail: Any = "") -> bool:
+        self.report.checks[name] = {"ok": bool(ok), "detail": detail}
+        return bool(ok)
+
+    def failed(self) -> list[str]:
+        return [f"{n}: {c['detail']}" for n, c in self.report.checks.items() if not c["ok"]]
+
+
+def _wait_run(stack: Stack, dag_id: str, run_id: str, timeout_s: float) -> str:
+    def finished() -> str | None:
+        state = stack.run_state(dag_id, run_id)
+        return state if state in ("success", "failed") else None
+
+    return stack.wait_until(f"run {dag_id}/{run_id} to finish", finished, timeout_s)
+
+
+def _run_summary(stack: Stack, dag_id: str, run_id: str, state: str) -> dict[str, Any]:
+    tis = stack.task_instances(dag_id, run_id)
+    for ti in tis:
+        ti["label"] = f"{dag_id}.{ti['task_id']}"
+    summary = {"dag_id": dag_id, "run_id": run_id, "state": state, "tasks": tis}
+    if state != "success":
+        failed = [ti["task_id"] for ti in tis if ti["state"] != "success"]
+        logs = "\n".join(
+            f"--- {task}:\n{_tail(stack.task_log(dag_id, run_id, task, 1), 15)}"
+            for task in failed[:3]
+        )
+        raise StackError(f"run {dag_id}/{run_id} ended {state}; not successful: {failed}\n"
+                         f"{logs}")  # fmt: skip
+    return summary
+
+
 def run(
     *,
-    pbf: Path = DEFAULT_PBF,
+    pbf: Path | None = None,
     region_id: str = "monaco",
-    state_dir: Path = DEFAULT_STATE_DIR,
+    workers: int = DEFAULT_WORKERS,
+    state_dir: Path = REPO / ".stack",
     triggerer: bool = True,
+    extra_dags: bool = True,
     bad_connection_check: bool = True,
+    cli_compare: bool = True,
     timeout_s: float = 900,
     limit_mb: int = WORKER_LIMIT_MB,
     log: Callable[[str], None] = print,
 ) -> Report:
-    """Bring the stack up, run the DAG, check it, tear it down. Never leaves processes."""
+    """Bring the stack up, run the DAGs, check them, tear it down. Never leaves processes.
+
+    ``pbf`` None: every DAG is triggered like the UI's Trigger button (no conf, default
+    params); else ``osm_region_features`` gets a conf with this file, ``region_id`` and a
+    date-time snapshot."""
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
     started = time.monotonic()
     deadline = started + timeout_s
-    pbf = pbf.resolve()
-    snapshot = f"stack-{dt.datetime.now(dt.UTC):%Y-%m-%dT%H-%M-%S}"
-    report = Report(pbf=str(pbf), region_id=region_id, snapshot=snapshot)
-    report.state_dir = str(state_dir)
-    if not pbf.is_file():
-        report.errors.append(f"no such PBF file: {pbf}")
-        return report
-    layout = Layout.allocate(state_dir)
+    mode = "ui" if pbf is None else "conf"
+    report = Report(region_id=region_id, mode=mode, state_dir=str(state_dir))
+    if pbf is not None:
+        pbf = pbf.resolve()
+        report.pbf = str(pbf)
+        if not pbf.is_file():
+            report.errors.append(f"no such PBF file: {pbf}")
+            return report
+    layout = Layout.allocate(state_dir, workers)
     stack = Stack(layout, triggerer=triggerer, limit_mb=limit_mb, log=log)
     stack.deadline = deadline
     timings = report.timings_s
+    check = _Checks(report)
+    expected_inputs: dict[str, Any] = {}
 
     def mark(name: str, since: float) -> float:
         now = time.monotonic()
@@ -1006,6 +1417,7 @@ def run(
 
     try:
         stack.prepare()
+        stack.write_dags(default_sample("monaco-2023.osm.pbf"))
         t = time.monotonic()
         log(f"stack: PostgreSQL on 127.0.0.1:{layout.pg_port}, Redis on :{layout.redis_port}")
         stack.start_postgres()
@@ -1015,69 +1427,218 @@ def run(
         stack.migrate()
         t = mark("migrate", t)
         names = [s for s, needed in SERVICES.items() if needed or triggerer]
-        log(f"stack: starting {', '.join(names)} (API on {layout.api_url}) ...")
+        log(f"stack: starting {', '.join(names)} ({workers} worker(s), 1 cgroup of "
+            f"{limit_mb} MiB each; API on {layout.api_url}) ...")  # fmt: skip
         stack.start_airflow()
         report.components = {c.name: c.proc.pid for c in stack.components}
         stack.wait_healthy()
-        report.worker_concurrency = stack.worker_concurrency
         stack.create_pool()
         t = mark("airflow_boot", t)
-        baseline = stack.sampler.last_anon if stack.sampler else 0
-        report.worker_memory["idle_anon_mb"] = round(baseline / _MIB, 1)
-        report.worker_memory["idle_processes"] = stack.worker_processes()
+        idle = {w.name: w.sampler.last_anon for w in stack.workers}
+        idle_processes = {w.name: stack.worker_processes(w) for w in stack.workers}
+        details = stack.dag_details(DAG_ID)
+        check("max_active_tasks", details.get("max_active_tasks") == workers,
+              f"{DAG_ID} max_active_tasks {details.get('max_active_tasks')}, "
+              f"{workers} worker(s)")  # fmt: skip
 
-        run_id = f"stack__{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
-        report.run_id = run_id
-        conf = {"pbf_path": str(pbf), "region_id": region_id, "snapshot": snapshot}
-        log(f"stack: triggering {DAG_ID} on {pbf.name} (run {run_id}) ...")
-        stack.trigger(run_id, {**conf, "conn_id": "osm_facts"})
+        # ---- trigger: the main DAG first (its tasks are queued first), then the others
+        triggered: dict[str, dict[str, Any]] = {}
+        if pbf is None:
+            main_pbf = Path(stack.default_param(DAG_ID, "pbf_path"))
+            log(f"stack: unpause + trigger {DAG_ID} like the UI: no logical date, no conf "
+                f"(default pbf_path {main_pbf}) ...")  # fmt: skip
+            triggered["main"] = stack.trigger(DAG_ID)
+        else:
+            main_pbf = pbf
+            snapshot = f"{dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+            conf = {"pbf_path": str(pbf), "region_id": region_id, "snapshot": snapshot}
+            log(f"stack: unpause + trigger {DAG_ID} with conf {conf} ...")
+            triggered["main"] = stack.trigger(DAG_ID, conf)
+        report.pbf = str(main_pbf)
+        expected_inputs["main"] = main_pbf
+        if extra_dags:
+            expected_inputs["regions_pbf"] = Path(stack.default_param(REGIONS_DAG_ID, "pbf_path"))
+            expected_inputs["regions"] = Path(stack.default_param(REGIONS_DAG_ID, "regions_path"))
+            for label, dag_id in (("many_regions", REGIONS_DAG_ID), ("schools", SCHOOLS_DAG_ID)):
+                log(f"stack: unpause + trigger {dag_id} like the UI (no conf) ...")
+                triggered[label] = stack.trigger(dag_id)
+        for label, body in triggered.items():
+            report.runs[label] = {
+                "dag_id": body["dag_id"],
+                "run_id": body["dag_run_id"],
+                "logical_date": body.get("logical_date"),
+                "run_after": body.get("run_after"),
+                "conf": body.get("conf"),
+            }
+        main = report.runs["main"]
+        report.run_id = main["run_id"]
 
-        def finished() -> str | None:
-            state = stack.run_state(run_id)
-            return state if state in ("success", "failed") else None
+        # ---- wait for them
+        for label, info in report.runs.items():
+            state = _wait_run(stack, info["dag_id"], info["run_id"], timeout_s)
+            info.update(_run_summary(stack, info["dag_id"], info["run_id"], state))
+            timings[f"run_{label}"] = round(time.monotonic() - t, 1)
+        t = mark("dag_runs", t)
+        report.run_state = main["state"]
+        report.tasks = main["tasks"]
 
-        report.run_state = stack.wait_until(f"run {run_id} to finish", finished, timeout_s)
-        t = mark("dag_run", t)
-        report.tasks = stack.task_instances(run_id)
-        report.worker_memory.update(stack.worker_memory())
-        if report.run_state != "success":
-            failed = [ti["task_id"] for ti in report.tasks if ti["state"] != "success"]
-            logs = "\n".join(
-                f"--- {task}:\n{_tail(stack.task_log(run_id, task, 1), 15)}" for task in failed[:3]
+        # ---- rows of the main run: by the snapshot its tasks pushed, lineage by run_id
+        extracts = [ti["task_id"] for ti in main["tasks"] if ti["task_id"].startswith("extract_")]
+        pushed = {task: stack.xcom(DAG_ID, main["run_id"], task) for task in extracts}
+        snapshots = {p.get("snapshot") for p in pushed.values() if isinstance(p, dict)}
+        regions = {p.get("region_id") for p in pushed.values() if isinstance(p, dict)}
+        check(
+            "one_snapshot",
+            len(snapshots) == 1 and len(regions) == 1,
+            f"snapshots {sorted(map(str, snapshots))}, regions {sorted(map(str, regions))}",
+        )
+        report.snapshot = snapshot_used = str(next(iter(snapshots), ""))
+        report.region_id = region = str(next(iter(regions), region_id))
+        main["snapshot"] = snapshot_used
+        if pbf is None:  # no conf: the snapshot is the run's date
+            run_date = str(main.get("run_after") or "")[:10]
+            check("snapshot_is_run_date", snapshot_used == run_date,
+                  f"snapshot {snapshot_used!r}, run_after {main.get('run_after')}")  # fmt: skip
+        counts = {t: c for p in pushed.values() if isinstance(p, dict)
+                  for t, c in (p.get("counts") or {}).items()}  # fmt: skip
+        # the types of this DAG's tasks (other DAGs, e.g. readme_schools, may write rows with
+        # the same region and snapshot)
+        report.rows = rows = _fetch_rows(
+            stack,
+            "region_id = %s AND snapshot = %s AND feature_type = ANY(%s)",
+            (region, snapshot_used, [t.removeprefix("extract_") for t in extracts]),
+        )
+        resumed = {t for p in pushed.values() if isinstance(p, dict) for t in p.get("resumed", [])}
+        ours = [r for r in rows if r["run_id"] == main["run_id"] and r["dag_id"] == DAG_ID]
+        main["rows_by_run_id"] = len(ours)
+        main["resumed"] = sorted(resumed)
+        check(
+            "main_rows",
+            len(rows) == N_FEATURE_TYPES
+            and {r["feature_type"]: r["feature_count"] for r in rows} == counts,
+            f"{len(rows)} rows for ({region}, {snapshot_used}), XCom counts {counts}",
+        )
+        check(
+            "main_rows_lineage",
+            {r["feature_type"] for r in ours} | resumed == {r["feature_type"] for r in rows}
+            and all(r["task_id"] == f"extract_{r['feature_type']}" for r in ours),
+            f"{len(ours)} rows carry run_id {main['run_id']}, resumed {sorted(resumed)}",
+        )
+
+        # ---- the other DAGs' rows, by their run's lineage
+        if extra_dags:
+            many = report.runs["many_regions"]
+            many["rows"] = _fetch_rows(stack, "dag_id = %s AND run_id = %s",
+                                       (REGIONS_DAG_ID, many["run_id"]))  # fmt: skip
+            schools = report.runs["schools"]
+            schools["rows"] = _fetch_rows(stack, "dag_id = %s AND run_id = %s",
+                                          (SCHOOLS_DAG_ID, schools["run_id"]))  # fmt: skip
+            amenities = next((r for r in rows if r["feature_type"] == "amenities"), None)
+            school_classes = (amenities or {}).get("class_counts") or {}
+            (row,) = schools["rows"] if len(schools["rows"]) == 1 else (None,)
+            check("schools_row", row is not None and row["feature_type"] == "schools"
+                  and row["feature_count"] > 0
+                  and row["class_counts"] == {"school": row["feature_count"]}
+                  and (pbf is not None or row["feature_count"] == school_classes.get("school")),
+                  f"rows {[(r['feature_type'], r['feature_count']) for r in schools['rows']]}, "
+                  f"amenities' school class {school_classes.get('school')}")  # fmt: skip
+
+        # ---- where the tasks ran
+        hostnames = {w.hostname for w in stack.workers}
+        all_extracts = [
+            ti for info in report.runs.values() for ti in info["tasks"]
+            if ti["task_id"].startswith("extract_")
+        ]  # fmt: skip
+        main_hosts = {ti["hostname"] for ti in main["tasks"] if ti["task_id"] in extracts}
+        check(
+            "tasks_on_workers",
+            {ti["hostname"] for ti in all_extracts} <= hostnames,
+            f"task hosts {sorted(map(str, {ti['hostname'] for ti in all_extracts}))}",
+        )
+        check("main_spread_over_workers", main_hosts == hostnames,
+              f"{DAG_ID} extract tasks ran on {sorted(map(str, main_hosts))} of "
+              f"{sorted(hostnames)}")  # fmt: skip
+        overlaps = overlaps_per_host(all_extracts)
+        check("one_task_per_worker_at_a_time", not overlaps, overlaps)
+        parallel = max_parallel(all_extracts)
+        report.checks["max_parallel_extracts"] = {"ok": True, "detail": parallel}
+        if workers > 1:
+            check("workers_took_tasks_at_once", parallel >= 2, f"at most {parallel} at once")
+        waited = [
+            f"{info['dag_id']}.{ti['task_id']}"
+            for info in report.runs.values()
+            for ti in info["tasks"]
+            if ti["task_id"].startswith("extract_")
+            and SLOT_WAIT_MESSAGE in stack.task_log(info["dag_id"], info["run_id"],
+                                                    ti["task_id"], 1).read_text(errors="replace")
+        ]  # fmt: skip
+        check("no_task_waited_for_a_slot", not waited, waited)
+        for worker in stack.workers:
+            mine = [ti["label"] for ti in all_extracts if ti["hostname"] == worker.hostname]
+            used = sorted(p.name for p in worker.slots_dir.glob("slot-*.lock"))
+            report.workers.append(
+                {
+                    "name": worker.name,
+                    "hostname": worker.hostname,
+                    "celery_node": worker.celery_node,
+                    "concurrency": worker.concurrency,
+                    "pid": worker.component.proc.pid,
+                    "slots_dir": str(worker.slots_dir),
+                    "slot_files": used,
+                    "idle_anon_mb": round(idle[worker.name] / _MIB, 1),
+                    "idle_processes": idle_processes[worker.name],
+                    "extract_tasks": mine,
+                }
             )
-            raise StackError(f"run {run_id} ended {report.run_state}; not successful: {failed}\n"
-                             f"{logs}")  # fmt: skip
-        report.rows = _fetch_rows(stack, region_id, snapshot)
-        if len(report.rows) != N_FEATURE_TYPES:
-            raise StackError(
-                f"{len(report.rows)} rows landed for ({region_id}, {snapshot}), "
-                f"expected {N_FEATURE_TYPES}"
-            )
-        if report.worker_memory.get("oom_kills"):
-            raise StackError(f"the worker cgroup saw OOM kills: {report.worker_memory}")
+            check(f"{worker.name}_own_slots", not mine or used == ["slot-0.lock"],
+                  f"{worker.slots_dir}: {used}")  # fmt: skip
         if bad_connection_check:
             log(f"stack: bad input check: facts connection {BAD_CONN_ID!r} -> closed port ...")
+            conf = {} if pbf is None else {"pbf_path": str(pbf), "region_id": region_id}
             _check_bad_connection(stack, report, conf, 180)
-            mark("bad_connection_check", t)
-        report.ok = True
+            t = mark("bad_connection_check", t)
     except (StackError, subprocess.SubprocessError, OSError) as exc:
         report.errors.append(str(exc))
     except Exception as exc:  # a bug here: still tear down, report it with its type
         report.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
-        report.worker_memory.update(stack.worker_memory())
+        memory = {w.name: stack.worker_memory(w) for w in stack.workers}
         t = time.monotonic()
         log("stack: tearing down ...")
         stack.teardown()
         leftovers = [c.name for c in stack.components if c.alive()]
         if leftovers:
-            report.ok = False
             report.errors.append(f"still running after teardown: {leftovers}")
         mark("teardown", t)
         report.stop_s = stack.stop_s
-        timings["total"] = round(time.monotonic() - started, 1)
-    if report.worker_memory.get("oom_kills") and report.ok:
-        report.ok = False
+    for entry in report.workers:
+        entry.update(memory.get(entry["name"], {}))
+    for name, mem in memory.items():
+        check(f"{name}_no_oom_kill", mem.get("oom_kills") == 0, mem)
+
+    # ---- the rows against the engine run in one process (after teardown: no contention)
+    if cli_compare and not report.errors and report.rows:
+        t = time.monotonic()
+        main_pbf = expected_inputs["main"]
+        hashes = {r["source_sha256"] for r in report.rows}
+        check("main_source_is_the_default_pbf" if mode == "ui" else "main_source_is_the_pbf",
+              hashes == {sha256_of(main_pbf)}, f"rows' source_sha256 {sorted(hashes)}")  # fmt: skip
+        problems = compare_rows(
+            report.rows, cli_extract(main_pbf, state_dir / "cli"), region_id=report.region_id
+        )
+        check("main_rows_equal_cli", not problems, problems[:10])
+        if extra_dags and "rows" in report.runs.get("many_regions", {}):
+            rows = report.runs["many_regions"]["rows"]
+            reference = cli_extract(
+                expected_inputs["regions_pbf"], state_dir / "cli", expected_inputs["regions"]
+            )
+            problems = compare_rows(rows, reference)
+            check("many_regions_rows_equal_cli", len(rows) == len(reference) and not problems,
+                  f"{len(rows)} rows vs {len(reference)}: {problems[:10]}")  # fmt: skip
+        mark("cli_compare", t)
+    timings["total"] = round(time.monotonic() - started, 1)
+    report.errors += [f"check failed: {failure}" for failure in check.failed()]
+    report.ok = not report.errors
     return report
 
 
@@ -1085,38 +1646,54 @@ def run(
 # CLI
 
 
+def _size(row: dict[str, Any]) -> str:
+    if row["length_km"] is not None:
+        return f"{row['length_km']:.3f} km"
+    if row["area_km2"] is not None:
+        return f"{row['area_km2']:.4f} km2"
+    return ""
+
+
 def format_report(report: Report) -> str:
-    mem = report.worker_memory
+    how = "no conf, like the UI" if report.mode == "ui" else "conf"
     out = [
-        f"stack: {'OK' if report.ok else 'FAILED'} — {DAG_ID} on {Path(report.pbf).name}, "
-        f"region {report.region_id}, snapshot {report.snapshot}",
-        f"  run {report.run_id or '-'}: {report.run_state or '-'}; "
-        + ", ".join(f"{t['task_id']}={t['state']}" for t in report.tasks),
+        f"stack: {'OK' if report.ok else 'FAILED'} — {DAG_ID} on {Path(report.pbf).name} "
+        f"({how}), region {report.region_id}, snapshot {report.snapshot or '-'}, "
+        f"{len(report.workers)} worker(s)"
     ]
+    for label, info in report.runs.items():
+        tasks = info.get("tasks") or []
+        out.append(
+            f"  {info['dag_id']} run {info['run_id']} (logical_date {info.get('logical_date')}): "
+            f"{info.get('state') or '-'}; "
+            + ", ".join(f"{t['task_id']}={t['state']}@{t['hostname']}" for t in tasks)
+        )
+        if label == "many_regions" and info.get("rows"):
+            out.append(f"    {len(info['rows'])} (region, type) rows")
+        if label == "schools" and info.get("rows"):
+            out += [f"    {r['feature_type']} {r['feature_count']}" for r in info["rows"]]
     if report.rows:
         out.append(f"  {len(report.rows)} rows in osm_facts.public.fact_geo_region_features:")
         for row in report.rows:
-            size = (
-                f"{row['length_km']:.3f} km"
-                if row["length_km"] is not None
-                else f"{row['area_km2']:.4f} km2"
-                if row["area_km2"] is not None
-                else ""
-            )
             peak = row["peak_memory_mb"]
             peak_text = f"task peak {peak:.0f} MB" if peak is not None else ""
-            out.append(
-                f"    {row['feature_type']:<10} {row['feature_count']:>8}  {size:<16} {peak_text}"
-            )
-    if mem:
+            out.append(f"    {row['feature_type']:<10} {row['feature_count']:>8}  "
+                       f"{_size(row):<16} {peak_text}")  # fmt: skip
+    for w in report.workers:
         out.append(
-            f"  worker cgroup ({mem.get('cgroup_version')}, limit {mem.get('limit_mb')} MiB, "
-            f"concurrency {report.worker_concurrency}): peak {mem.get('peak_mb')} MiB "
-            f"(incl. page cache), peak anon {mem.get('peak_anon_mb')} MiB, idle anon "
-            f"{mem.get('idle_anon_mb')} MiB, OOM kills {mem.get('oom_kills')}"
+            f"  {w['name']} ({w.get('celery_node')}, cgroup {w.get('cgroup_version')}, limit "
+            f"{w.get('limit_mb')} MiB, concurrency {w.get('concurrency')}): peak "
+            f"{w.get('peak_mb')} MiB (incl. page cache), peak anon {w.get('peak_anon_mb')} MiB, "
+            f"idle anon {w.get('idle_anon_mb')} MiB, OOM kills {w.get('oom_kills')}; "
+            f"{len(w.get('extract_tasks') or [])} extract tasks"
         )
-        if mem.get("idle_processes"):
-            out.append("    idle worker cgroup: " + "; ".join(mem["idle_processes"]))
+        if w.get("idle_processes"):
+            out.append("    idle: " + "; ".join(w["idle_processes"]))
+    if report.checks:
+        out.append("  checks: " + ", ".join(
+            f"{name} {'ok' if c['ok'] else 'FAILED'}"
+            + (f" ({c['detail']})" if name == "max_parallel_extracts" else "")
+            for name, c in report.checks.items()))  # fmt: skip
     bad = report.bad_connection
     if bad:
         verdict = "ok" if bad.get("ok") else "FAILED"
@@ -1150,18 +1727,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/stack.py", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    parser.add_argument("--pbf", type=Path, default=DEFAULT_PBF, help="PBF file to extract")
-    parser.add_argument("--region-id", default="monaco", help="region_id of the rows")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="Celery workers, each in its own 1 GiB cgroup (default 2)",
+    )
+    parser.add_argument(
+        "--pbf",
+        type=Path,
+        help="trigger osm_region_features with a conf "
+        "naming this PBF (default: no conf, the packaged Monaco sample)",
+    )
+    parser.add_argument("--region-id", default="monaco", help="region_id of the rows (--pbf)")
+    parser.add_argument("--state-dir", type=Path, default=REPO / ".stack",
                         help="data and logs, wiped at start (default .stack/)")  # fmt: skip
     parser.add_argument("--no-triggerer", action="store_true", help="do not start a triggerer")
+    parser.add_argument("--no-extra-dags", action="store_true",
+                        help=f"trigger only {DAG_ID}, not {REGIONS_DAG_ID} and "
+                        f"{SCHOOLS_DAG_ID}")  # fmt: skip
     parser.add_argument("--no-bad-connection-check", action="store_true",
                         help="skip the misconfigured-connection run")  # fmt: skip
+    parser.add_argument("--no-cli-compare", action="store_true",
+                        help="do not compare the rows with `airflow-memsafe extract`")  # fmt: skip
     parser.add_argument("--limit-mb", type=int, default=WORKER_LIMIT_MB,
-                        help="worker cgroup memory limit (default 1024)")  # fmt: skip
+                        help="each worker cgroup's memory limit (default 1024)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=900, help="overall budget, seconds")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
 
     sys.path.insert(0, str(REPO))  # airflow_memsafe from the checkout, even without install
     reason = missing_prerequisites()
@@ -1175,9 +1770,12 @@ def main(argv: list[str] | None = None) -> int:
             report = run(
                 pbf=args.pbf,
                 region_id=args.region_id,
+                workers=args.workers,
                 state_dir=args.state_dir.resolve(),
                 triggerer=not args.no_triggerer,
+                extra_dags=not args.no_extra_dags,
                 bad_connection_check=not args.no_bad_connection_check,
+                cli_compare=not args.no_cli_compare,
                 timeout_s=args.timeout,
                 limit_mb=args.limit_mb,
                 log=lambda msg: print(msg, flush=True),

@@ -263,8 +263,10 @@ def test_dags_and_data_are_mounted_from_repo_folders(services):
             source = _resolve_defaults(mounts[target])
             assert os.path.normpath(source) == folder, (name, source)
             assert (REPO / folder).is_dir(), f"host folder {folder}/ missing from the repo"
+        # the example DAGs' default input is the sample inside the installed package (data/
+        # holds only links to it, which a bind mount cannot follow): no data dir override
         env = _environment(services[name])
-        assert env["MEMSAFE_DATA_DIR"] == "/opt/airflow/data", name
+        assert "MEMSAFE_DATA_DIR" not in env, name
 
 
 def test_postgres_runs_the_facts_init_script(services):
@@ -431,6 +433,71 @@ def test_docker_compose_config_is_valid(tmp_path):
             [*cmd, "config", "-q"], capture_output=True, text=True, env=env, timeout=60
         )
         assert result.returncode == 0, result.stderr
+
+
+def _compose_v1_config(binary: str, env_file: Path | None, **variables: str) -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW", "FACTS_", "POSTGRES_", "MEMSAFE_", "_AIRFLOW", "DOCKER_"))
+    }
+    env.update(variables)
+    cmd = [binary, "--project-directory", str(REPO), "-f", str(COMPOSE_FILE)]
+    if env_file is not None:
+        cmd += ["--env-file", str(env_file)]
+    result = subprocess.run(
+        [*cmd, "config"], capture_output=True, text=True, env=env, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0, f"{' '.join(cmd)} config:\n{result.stderr}"
+    assert "WARNING" not in result.stderr, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_docker_compose_v1_config_accepts_the_file():
+    """Compose 1.29 (Debian's docker-compose) validates and renders the file without an
+    engine: the same file works with it and with the v2 plugin."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not installed (Debian package docker-compose; .ci/run adds it)")
+    for env_file in (None, ENV_EXAMPLE):  # with no .env at all, and with .env.example
+        rendered = _compose_v1_config(binary, env_file)
+        services = rendered["services"]
+        assert set(services) >= REQUIRED_SERVICES - {"airflow-cli"}
+        worker = services["airflow-worker"]
+        assert _memory_bytes(worker["mem_limit"]) == 1024**3
+        assert _memory_bytes(worker["memswap_limit"]) == 1024**3
+        env = worker["environment"]
+        assert env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1"
+        assert env["MEMSAFE_MAX_CONCURRENCY"] == "1"
+        assert env["AIRFLOW_CONN_OSM_FACTS"] == (
+            "postgresql://osm_facts:osm_facts@postgres:5432/osm_facts"
+        )
+        init_env = services["airflow-init"]["environment"]
+        assert init_env["MEMSAFE_EXTRACT_POOL_SLOTS"] == "1"
+    # the two-worker recipe of docs/deploy.md: the variables reach the DAGs and the pool
+    rendered = _compose_v1_config(
+        binary, ENV_EXAMPLE, MEMSAFE_MAX_CONCURRENCY="2", MEMSAFE_EXTRACT_POOL_SLOTS="2"
+    )
+    for name in AIRFLOW_SERVICES - {"airflow-init"}:
+        assert rendered["services"][name]["environment"]["MEMSAFE_MAX_CONCURRENCY"] == "2", name
+    assert rendered["services"]["airflow-init"]["environment"]["MEMSAFE_EXTRACT_POOL_SLOTS"] == "2"
+
+
+def test_worker_service_can_be_scaled(services):
+    """`docker compose up --scale airflow-worker=N` needs a worker without a fixed container
+    name or published host port; each replica then has its own 1 GiB, host name and /tmp."""
+    worker = services["airflow-worker"]
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    assert "hostname" not in worker
+    assert "MEMSAFE_MAX_CONCURRENCY" in COMPOSE_FILE.read_text()
+    assert "--scale airflow-worker=" in (REPO / "docs" / "deploy.md").read_text()
+
+
+def test_image_takes_the_samples_from_the_package():
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^ENV\s+MEMSAFE_DATA_DIR", text, re.MULTILINE)
+    assert not re.search(r"^COPY\b.*\sdata/", text, re.MULTILINE), "data/ holds only links"
 
 
 def _free_port() -> int:

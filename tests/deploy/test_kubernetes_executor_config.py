@@ -5,6 +5,7 @@ whose ``base`` container is limited to 1 GiB, and it survives Airflow's DAG seri
 from __future__ import annotations
 
 import datetime as dt
+import re
 import subprocess
 import sys
 
@@ -144,3 +145,22 @@ def test_missing_kubernetes_gives_a_one_line_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "kubernetes.client", None)  # import -> ImportError
     with pytest.raises(ImportError, match="pip install apache-airflow-providers-cncf-kubernetes"):
         memory_limited_executor_config()
+
+
+def test_the_documented_dag_builds_1gib_pods():
+    """docs/deploy.md's KubernetesExecutor example, run as written."""
+    from pathlib import Path
+
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", docs.read_text(), re.MULTILINE | re.DOTALL)
+    (snippet,) = [b for b in blocks if "memory_limited_executor_config(" in b]
+    namespace: dict = {"__name__": "docs_deploy_k8s"}
+    exec(compile(snippet, str(docs), "exec"), namespace)
+    dag = DagSerialization.from_dict(DagSerialization.to_dict(namespace["dag"]))
+    assert len(dag.tasks) == 8
+    for task in dag.tasks:
+        container = _base(task.executor_config)
+        assert container.resources.limits == {"memory": "1024Mi"}, task.task_id
+        assert _env(container)["AIRFLOW__MEMSAFE__INDEX_DIR"] == "/opt/airflow/scratch"

@@ -2,14 +2,20 @@
 
 Static part: every Airflow service of docker-compose.yaml gets the same environment names
 in the stack (values localised: no container host names or paths left), so the two cannot
-drift apart. Real part (the CI-sized variant of ``make stack``): PostgreSQL + Redis from apt,
-API server, scheduler, DAG processor and a Celery worker (concurrency 1) inside a 1 GiB
-memory cgroup; the example DAG on the Monaco sample must succeed with 8 rows, and a run with
-a facts connection to a closed port must fail with a message naming the connection id.
+drift apart; each worker gets its own log port, TMPDIR and slots directory; the README's
+custom-feature-type snippet becomes the ``readme_schools`` DAG file unchanged but for the PBF
+path. Real part (the CI-sized variant of ``make stack``, one boot for every check):
+PostgreSQL + Redis from apt, API server, scheduler, DAG processor and two Celery workers
+(concurrency 1 each), each in its own 1 GiB memory cgroup and host name. Every DAG is
+triggered like the UI's Trigger button (no logical date, no conf: default params, the Monaco
+sample shipped in the package); the rows must equal ``airflow-memsafe extract``'s output, the
+extract tasks must be spread over both workers and never overlap on one, and a run with a
+facts connection to a closed port must fail with a message naming the connection id.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import json
 import shutil
@@ -24,6 +30,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "stack.py"
+FEATURE_TYPES = {
+    "roads", "railways", "waterways", "buildings", "landuse", "natural", "leisure", "amenities",
+}  # fmt: skip
 
 
 def _load_stack():
@@ -46,8 +55,10 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> object:
     return stack.Layout(
-        tmp_path_factory.mktemp("layout"), 15432, 16379, 18080, 18974, 18793, 18794, 19999, "s"
-    )
+        tmp_path_factory.mktemp("layout"),
+        15432, 16379, 18080, 18974, 18793, 18794, 19999, "s",
+        more_worker_log_ports=(18795,),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +69,8 @@ def layout(tmp_path_factory) -> object:
 def test_stack_sets_every_compose_variable(compose, layout, service):
     compose_names = set(stack.compose_env(compose, service))
     stack_env = stack.airflow_env(compose, service, layout)
+    if service == "airflow-worker":
+        stack_env = stack.worker_env(compose, layout, 2)
     missing = compose_names - set(stack_env) - set(stack.CONTAINER_ONLY)
     assert not missing, f"{service}: compose sets {sorted(missing)}, the stack does not"
     extra = set(stack_env) - compose_names - stack.STACK_ONLY
@@ -82,10 +95,11 @@ def test_stack_values_are_localised(compose, layout, service):
         == "postgresql://osm_facts:osm_facts@127.0.0.1:15432/osm_facts"
     )
     assert env["AIRFLOW__CORE__LOAD_EXAMPLES"].lower() == "false"
-    assert env["MEMSAFE_DATA_DIR"] == str(REPO / "data")
-    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(REPO / "dags")
+    assert "MEMSAFE_DATA_DIR" not in env  # the DAGs' defaults: the samples in the package
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(layout.dags)
     assert env["AIRFLOW__MEMSAFE__INDEX_DIR"] == str(layout.scratch)
     assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == layout.jwt_secret  # not the placeholder
+    assert env["MEMSAFE_MAX_CONCURRENCY"] == "1"  # compose's default without a .env
     bad = env[f"AIRFLOW_CONN_{stack.BAD_CONN_ID.upper()}"]
     assert bad.endswith(f"@127.0.0.1:{layout.closed_port}/osm_facts")
 
@@ -95,6 +109,35 @@ def test_worker_env_and_command_mirror_compose(compose, layout):
     assert env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1"
     assert stack.compose_command(compose, "airflow-worker") == ["celery", "worker"]
     assert stack.compose_command(compose, "airflow-apiserver") == ["api-server"]
+
+
+def test_each_worker_has_its_own_port_tmp_and_slots(compose, layout):
+    one, two = (stack.worker_env(compose, layout, i) for i in (1, 2))
+    for name in ("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT", "TMPDIR",
+                 "AIRFLOW__MEMSAFE__SLOTS_DIR"):  # fmt: skip
+        assert one[name] != two[name], name
+    assert one["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == "18793"
+    assert two["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == "18795"
+    assert two["AIRFLOW__MEMSAFE__SLOTS_DIR"] == str(layout.worker_dir(2) / "slots")
+    assert stack.worker_hostname(1) != stack.worker_hostname(2)
+    assert layout.workers == 2
+
+
+def test_stack_variables_act_like_a_dot_env(compose, layout):
+    variables = stack.stack_variables(3)
+    env = stack.airflow_env(compose, "airflow-dag-processor", layout, variables)
+    assert env["MEMSAFE_MAX_CONCURRENCY"] == "3"
+    init = stack.compose_env(compose, "airflow-init", variables)
+    assert init["MEMSAFE_EXTRACT_POOL_SLOTS"] == "3"
+    assert stack.resolve_defaults("${X:-d}", {"X": ""}) == "d"
+    assert stack.resolve_defaults("${X-d}", {"X": ""}) == ""
+    assert stack.resolve_defaults("${X-d}/$Y/$$Z", {"Y": "y"}) == "d/y/$Z"
+
+
+def test_layout_allocates_a_log_port_per_worker(tmp_path):
+    layout = stack.Layout.allocate(tmp_path, workers=3)
+    ports = [layout.worker_log_port_of(i) for i in (1, 2, 3)]
+    assert layout.workers == 3 and len(set(ports)) == 3
 
 
 def test_init_and_postgres_variables_are_all_handled(compose):
@@ -110,6 +153,74 @@ def test_compose_services_the_stack_runs_exist(compose):
     assert stack.INIT_SCRIPT.is_file()
     mounts = compose["services"]["postgres"]["volumes"]
     assert any(str(m).startswith("./deploy/postgres-init:") for m in mounts)
+
+
+# --------------------------------------------------------------------------------------------
+# static: the README's custom feature type is the DAG file the stack runs
+
+
+def test_readme_schools_snippet_becomes_a_dag(tmp_path):
+    from airflow_memsafe import OsmFeatureExtractOperator
+
+    snippet = stack.readme_schools_snippet()
+    assert "class SchoolsExtractOperator(OsmFeatureExtractOperator)" in snippet
+    assert stack.README_PBF_PLACEHOLDER in snippet, "README snippet's PBF path changed"
+    sample = stack.default_sample("monaco-2023.osm.pbf")
+    assert sample.is_file()
+    source = stack.readme_schools_dag(sample)
+    assert stack.README_PBF_PLACEHOLDER not in source
+    # the snippet's lines, unchanged but for the path, inside the DAG block
+    body = "\n".join(line.removeprefix("    ") for line in source.splitlines())
+    assert snippet.replace(stack.README_PBF_PLACEHOLDER, str(sample)) in body + "\n"
+
+    path = tmp_path / stack.SCHOOLS_DAG_FILE
+    path.write_text(source)
+    namespace: dict = {"__name__": "readme_schools_test"}
+    exec(compile(source, str(path), "exec"), namespace)
+    dag = namespace["dag"]
+    assert dag.dag_id == stack.SCHOOLS_DAG_ID
+    (task,) = dag.tasks
+    assert task.task_id == "extract_schools"
+    assert isinstance(task, OsmFeatureExtractOperator)
+    assert task.feature_type.name == "schools"
+    assert Path(task.pbf_path) == sample
+    assert task.region_id == "monaco" and task.postgres_conn_id == "osm_facts"
+
+
+# --------------------------------------------------------------------------------------------
+# static: the checks' arithmetic
+
+
+def _ti(label, host, start, end):
+    base = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    return {
+        "label": label,
+        "hostname": host,
+        "start_date": (base + dt.timedelta(seconds=start)).isoformat(),
+        "end_date": (base + dt.timedelta(seconds=end)).isoformat(),
+    }
+
+
+def test_overlaps_and_parallelism():
+    tis = [_ti("a", "w1", 0, 5), _ti("b", "w1", 5, 9), _ti("c", "w2", 1, 3), _ti("d", "w2", 4, 8)]
+    assert stack.overlaps_per_host(tis) == []
+    assert stack.max_parallel(tis) == 2
+    tis.append(_ti("e", "w2", 7, 10))
+    assert stack.overlaps_per_host(tis) == ["w2: d and e"]
+    assert stack.max_parallel(tis) == 3
+
+
+def test_compare_rows():
+    ref = [{"region_id": "region", "feature_type": "roads", "feature_count": 3,
+            "skipped_count": 0, "length_km": 1.5, "area_km2": None,
+            "class_counts": {"primary": 3}}]  # fmt: skip
+    row = {**ref[0], "region_id": "monaco"}
+    assert stack.compare_rows([row], ref, region_id="monaco") == []
+    assert stack.compare_rows([{**row, "length_km": 1.5 * (1 + 1e-12)}], ref,
+                              region_id="monaco") == []  # fmt: skip
+    assert stack.compare_rows([{**row, "feature_count": 4}], ref, region_id="monaco")
+    assert stack.compare_rows([{**row, "length_km": 1.6}], ref, region_id="monaco")
+    assert stack.compare_rows([], ref, region_id="monaco")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,56 +272,86 @@ def _alive(pid: int, state_dir: Path) -> bool:
         return False
 
 
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(720)
 @pytest.mark.cgroup
 @pytest.mark.skipif(_REASON is not None, reason=f"stack unavailable here: {_REASON}")
-def test_stack_runs_the_dag_in_a_1gib_celery_worker(state_dir):
+def test_stack_runs_ui_triggered_dags_on_two_1gib_celery_workers(state_dir):
     report_file = state_dir / "report.json"
     cmd = [
         sys.executable,
         str(SCRIPT),
-        "--no-triggerer",  # CI-sized: the example DAG's sensor reschedules, never defers
+        "--workers",
+        "2",
+        "--no-triggerer",  # CI-sized: the example DAGs' sensors reschedule, never defer
         "--state-dir",
         str(state_dir / "stack"),
         "--json",
         str(report_file),
         "--timeout",
-        "240",
+        "480",
     ]
     started = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
     )
     try:
-        output, _ = proc.communicate(timeout=300)
+        output, _ = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)  # the script tears the stack down on SIGTERM
-        output, _ = proc.communicate(timeout=60)
-        pytest.fail(f"make stack did not finish in 300 s:\n{output[-6000:]}")
+        output, _ = proc.communicate(timeout=90)
+        pytest.fail(f"make stack did not finish in 600 s:\n{output[-6000:]}")
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, f"stack failed (exit {proc.returncode}):\n{output[-6000:]}"
     report = json.loads(report_file.read_text())
     context = f"\n{output[-3000:]}"
 
     assert report["ok"], report["errors"]
-    assert report["run_state"] == "success", context
-    tasks = {t["task_id"]: t["state"] for t in report["tasks"]}
-    assert len(tasks) == 9 and set(tasks.values()) == {"success"}, tasks
-    rows = report["rows"]
-    assert len(rows) == 8, context
-    assert {r["feature_type"] for r in rows} == {
-        "roads", "railways", "waterways", "buildings",
-        "landuse", "natural", "leisure", "amenities",
-    }  # fmt: skip
-    assert all(r["feature_count"] > 0 for r in rows)
-    assert all(r["task_id"] == f"extract_{r['feature_type']}" for r in rows)
+    assert report["mode"] == "ui"
+    failed_checks = {n: c for n, c in report["checks"].items() if not c["ok"]}
+    assert not failed_checks, failed_checks
+    for name in ("main_rows", "main_rows_lineage", "main_rows_equal_cli", "schools_row",
+                 "many_regions_rows_equal_cli", "main_spread_over_workers",
+                 "one_task_per_worker_at_a_time", "no_task_waited_for_a_slot",
+                 "snapshot_is_run_date", "max_active_tasks"):  # fmt: skip
+        assert name in report["checks"], f"check {name} did not run"
 
-    mem = report["worker_memory"]
-    assert mem["limit_mb"] == 1024
-    assert mem["oom_kills"] == 0
-    assert 0 < mem["peak_mb"] <= 1024, mem
-    assert report["worker_concurrency"] == "1", "the worker's Celery banner"
-    assert not Path(mem["cgroup"]).exists(), "the worker cgroup was not removed"
+    # the UI-style runs: no logical date, no conf, default params
+    runs = report["runs"]
+    assert set(runs) == {"main", "many_regions", "schools"}
+    for info in runs.values():
+        assert info["logical_date"] is None and not info["conf"], info
+        assert info["state"] == "success", context
+        assert {t["state"] for t in info["tasks"]} == {"success"}, info["tasks"]
+    main = runs["main"]
+    assert len(main["tasks"]) == 9
+    assert report["snapshot"] == main["run_after"][:10]  # the run's date
+    assert Path(report["pbf"]) == stack.default_sample("monaco-2023.osm.pbf")
+    rows = report["rows"]
+    assert {r["feature_type"] for r in rows} == FEATURE_TYPES, context
+    assert all(r["feature_count"] > 0 for r in rows)
+    assert all(r["run_id"] == main["run_id"] and r["dag_id"] == stack.DAG_ID for r in rows)
+    assert all(r["task_id"] == f"extract_{r['feature_type']}" for r in rows)
+    assert len(runs["many_regions"]["rows"]) == 9 * 8
+    (school,) = runs["schools"]["rows"]
+    amenities = next(r for r in rows if r["feature_type"] == "amenities")
+    assert school["feature_count"] == amenities["class_counts"]["school"] > 0
+
+    # two workers, each its own host and 1 GiB cgroup, both used, never two tasks at once
+    workers = report["workers"]
+    assert [w["hostname"] for w in workers] == ["memsafe-w1", "memsafe-w2"]
+    assert [w["celery_node"] for w in workers] == ["celery@memsafe-w1", "celery@memsafe-w2"]
+    main_hosts = {t["hostname"] for t in main["tasks"] if t["task_id"].startswith("extract_")}
+    assert main_hosts == {"memsafe-w1", "memsafe-w2"}
+    assert report["checks"]["max_parallel_extracts"]["detail"] >= 2
+    for w in workers:
+        assert w["concurrency"] == "1", "the worker's Celery banner"
+        assert w["limit_mb"] == 1024
+        assert w["oom_kills"] == 0
+        assert 0 < w["peak_mb"] <= 1024, w
+        assert w["extract_tasks"], f"{w['name']} ran no extract task"
+        assert w["slot_files"] == ["slot-0.lock"]
+        assert not Path(w["cgroup"]).exists(), "the worker cgroup was not removed"
+    assert len({w["cgroup"] for w in workers}) == 2
 
     bad = report["bad_connection"]
     assert bad.get("ok"), bad
@@ -221,9 +362,14 @@ def test_stack_runs_the_dag_in_a_1gib_celery_worker(state_dir):
     leftovers = [name for name, pid in report["components"].items() if _alive(pid, state_dir)]
     assert not leftovers, f"still running: {leftovers}"
     assert set(report["components"]) == {
-        "postgres", "redis", "apiserver", "scheduler", "dag-processor", "worker",
+        "postgres", "redis", "apiserver", "scheduler", "dag-processor", "worker-1", "worker-2",
     }  # fmt: skip
     print(
-        f"stack test: {elapsed:.0f} s, worker peak {mem['peak_mb']} MiB "
-        f"(anon {mem['peak_anon_mb']} MiB), timings {report['timings_s']}"
+        f"stack test: {elapsed:.0f} s; "
+        + "; ".join(
+            f"{w['name']}: {len(w['extract_tasks'])} extract tasks, peak {w['peak_mb']} MiB "
+            f"(anon {w['peak_anon_mb']} MiB)"
+            for w in workers
+        )
+        + f"; timings {report['timings_s']}"
     )
