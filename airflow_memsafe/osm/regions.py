@@ -14,6 +14,21 @@ query, then:
 - **areas** are intersected with each region; each region gets the geodesic area of its
   polygon parts.
 
+Region polygons are WGS84 longitude/latitude (GeoJSON validated strictly by
+:mod:`airflow_memsafe.osm.geojson`: the RFC 7946 types only, finite numbers, latitudes
+within ±90°, files up to 64 MiB; every error is one line naming the feature). **A region
+crossing the antimeridian** — a ring edge spanning more than 180° of longitude, taken the
+short way across ±180°, or a ring running past ±180° such as 170..190 — is split at ±180°
+into parts within [-180, 180] (:mod:`airflow_memsafe.osm.antimeridian`, cut where the
+ring's geodesic edges cross the meridian), and those parts are what the ``STRtree``, the
+containment and clipping tests and the region's area all use: its area is the geodesic
+area of the unsplit ring, as ``pyproj.Geod`` computes it, and a feature near Monaco is not
+in a 20°-wide Pacific box. Lines and areas of the data that cross ±180° are split the same
+way before they are matched (one vectorised ``bounds`` test per batch). Rings winding
+around a pole are refused. Region ids follow the fact table's one rule
+(:func:`~airflow_memsafe.storage.identifiers.validate_region_id`: letters of any script,
+``Zürich``, NFC).
+
 A line or area crossing a boundary is split, so lengths and areas add up over a partition;
 it counts in ``feature_count`` of every region that receives a part of it of its own
 dimension (a line merely touching a region at a point, or an area sharing only an edge with
@@ -24,12 +39,12 @@ boundary belongs to both regions' lengths (real ways rarely coincide with region
 Memory: the region polygons and their ``STRtree`` (proportional to the regions' vertices),
 per-region accumulators (counts and sums: 3 numbers per region, and a class table of
 ``(max_classes + 1)`` counts per region: 1.6 MB for 1,000 regions) and one micro-batch with
-its clipped parts. Nothing grows with the number of features.
+its clipped parts. Nothing grows with the number of features. Loading a GeoJSON file holds
+its parsed JSON for a moment (~9× the file: 64 MiB at most, ~600 MB).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -39,14 +54,14 @@ from typing import Any
 
 import numpy as np
 import shapely
-from shapely.errors import GEOSException
-from shapely.geometry import shape
+from shapely.errors import GEOSException, ShapelyError
 
 from airflow_memsafe.config import MemsafeSettings
-from airflow_memsafe.errors import MemsafeError
+from airflow_memsafe.errors import PermanentError, one_line
 from airflow_memsafe.features import FeatureType, GeometryKind
 from airflow_memsafe.memory import release_memory
 from airflow_memsafe.memory.monitor import MemoryMonitor
+from airflow_memsafe.osm.antimeridian import needs_split, split, split_crossing, unwrap
 from airflow_memsafe.osm.extract import (
     OTHER_CLASS,
     Feature,
@@ -59,6 +74,14 @@ from airflow_memsafe.osm.geodesy import (
     geodesic_areas_m2,
     geodesic_lengths_m,
     geometries_from_wkb,
+)
+from airflow_memsafe.osm.geojson import (
+    MAX_GEOJSON_BYTES,
+    InvalidGeoJSONError,
+    check_lonlat,
+    geometry_from_geojson,
+    loads_geojson,
+    read_geojson,
 )
 from airflow_memsafe.osm.source import PbfSource, open_pbf
 from airflow_memsafe.storage.identifiers import validate_identifier, validate_region_id
@@ -84,10 +107,12 @@ log = logging.getLogger(__name__)
 _POLYGONAL = ("Polygon", "MultiPolygon")
 _POLYGON_TYPE_ID = 3
 _SHOWN = 10  # ids listed in an error message
+_QUOTE = 40  # characters of a rejected value quoted in an error message
 
 
-class InvalidRegionsError(MemsafeError, ValueError):
-    """The regions input cannot be used; the message names the feature and the problem."""
+class InvalidRegionsError(PermanentError, ValueError):
+    """The regions input cannot be used; the message (one line) names the feature and the
+    problem. Permanent: a retry reads the same input."""
 
 
 # ------------------------------------------------------------------------- regions ----
@@ -134,37 +159,51 @@ def _region_id(value: Any, label: str) -> str:
     if isinstance(value, int):
         value = str(value)
     if not isinstance(value, str):
-        raise _fail(label, f"id {value!r} must be a string or an integer")
+        shown = one_line(repr(value), _QUOTE) if isinstance(value, float) else type(value).__name__
+        raise _fail(label, f"id {shown} must be a string or an integer")
     try:
+        # The one rule for region ids (any script, NFC): the fact table's.
         return validate_region_id(value)
     except ValueError as exc:
-        raise _fail(label, str(exc)) from None
+        raise _fail(label, one_line(exc)) from None
 
 
 def _parse_geometry(value: Any, label: str) -> Any:
-    """A shapely geometry from GeoJSON (dict or text) or WKB (bytes or hex text)."""
+    """A shapely geometry from GeoJSON (mapping or text) or WKB (bytes or hex text): what a
+    table column or a caller's record holds."""
     try:
         if isinstance(value, memoryview | bytearray):
             value = bytes(value)
-        if isinstance(value, bytes):
-            return shapely.from_wkb(value)
+        if isinstance(value, bytes | str) and not (
+            isinstance(value, str) and value.strip()[:1] == "{"
+        ):
+            with np.errstate(invalid="ignore"):  # NaN coordinates: check_lonlat names them
+                return shapely.from_wkb(value.strip() if isinstance(value, str) else value)
         if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("{"):
-                value = json.loads(text)
-            else:
-                return shapely.from_wkb(text)
+            value = loads_geojson(value.strip())
+        if isinstance(value, Mapping) and value.get("type") == "Feature":
+            value = value.get("geometry")
+            if value is None:
+                raise _fail(label, "has no geometry")
         if isinstance(value, Mapping):
-            if value.get("type") == "Feature":
-                value = value.get("geometry")
-            if not value:
-                raise ValueError("no geometry")
-            return shape(value)
-    except (GEOSException, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise _fail(label, f"cannot read its geometry: {exc}") from None
+            return geometry_from_geojson(value)
+    except (ShapelyError, ValueError, TypeError) as exc:
+        if isinstance(exc, InvalidRegionsError):
+            raise
+        raise _fail(label, f"cannot read its geometry: {one_line(exc)}") from None
     if value is None:
         raise _fail(label, "has no geometry")
     raise _fail(label, f"geometry of type {type(value).__name__} is neither GeoJSON nor WKB")
+
+
+def _parse_geojson_geometry(value: Any, label: str) -> Any:
+    """A shapely geometry from a GeoJSON Feature's ``geometry`` member (an object)."""
+    if value is None:
+        raise _fail(label, "has no geometry")
+    try:
+        return geometry_from_geojson(value)
+    except InvalidGeoJSONError as exc:
+        raise _fail(label, f"cannot read its geometry: {exc}") from None
 
 
 def _polygon_parts(geom: Any) -> Any:
@@ -178,31 +217,48 @@ def _polygon_parts(geom: Any) -> Any:
     return polys[0] if len(polys) == 1 else shapely.multipolygons(polys)
 
 
+def _valid_polygon(geom: Any, label: str, repair: bool) -> tuple[Any, bool]:
+    """(valid polygon, was repaired); raises naming the region when it cannot be used."""
+    if geom.is_valid:
+        return geom, False
+    reason = one_line(shapely.is_valid_reason(geom), 120)
+    if not repair:
+        raise _fail(label, f"invalid geometry ({reason}); fix it or allow repair")
+    # "structure": overlapping parts of a MultiPolygon are unioned (the default "linework"
+    # method would keep only where an odd number of parts overlap).
+    fixed = _polygon_parts(shapely.make_valid(geom, method="structure", keep_collapsed=False))
+    if fixed is None or fixed.area == 0:
+        raise _fail(label, f"invalid geometry ({reason}) and make_valid leaves no area")
+    log.warning("region %s: invalid geometry (%s) repaired with make_valid", label, reason)
+    return fixed, True
+
+
 def _checked_polygon(geom: Any, label: str, repair: bool) -> tuple[Any, bool]:
-    """(polygon, was repaired); raises naming the region when it cannot be used."""
+    """(polygon within [-180, 180], was repaired); raises naming the region when it cannot
+    be used. A polygon crossing the antimeridian is split there
+    (:mod:`airflow_memsafe.osm.antimeridian`); validity is judged on the unwrapped ring."""
     kind = geom.geom_type
     if kind not in _POLYGONAL:
         raise _fail(label, f"geometry is a {kind}; regions must be Polygon or MultiPolygon")
     if geom.is_empty:
         raise _fail(label, "geometry is empty")
     geom = shapely.force_2d(geom)
-    min_lon, min_lat, max_lon, max_lat = geom.bounds
-    if not (-180 <= min_lon and max_lon <= 180 and -90 <= min_lat and max_lat <= 90):
-        raise _fail(
-            label,
-            f"coordinates {geom.bounds} are outside longitude/latitude range; regions must be "
-            "WGS84 longitude/latitude (EPSG:4326) as in GeoJSON",
-        )
-    if geom.is_valid:
-        return geom, False
-    reason = shapely.is_valid_reason(geom)
-    if not repair:
-        raise _fail(label, f"invalid geometry ({reason}); fix it or allow repair")
-    fixed = _polygon_parts(shapely.make_valid(geom))
-    if fixed is None or fixed.area == 0:
-        raise _fail(label, f"invalid geometry ({reason}) and make_valid leaves no area")
-    log.warning("region %s: invalid geometry (%s) repaired with make_valid", label, reason)
-    return fixed, True
+    try:
+        check_lonlat(geom)
+        geom = unwrap(geom)
+    except ValueError as exc:
+        raise _fail(label, one_line(exc)) from None
+    geom, fixed = _valid_polygon(geom, label, repair)
+    if not needs_split(geom):
+        return geom, fixed
+    try:
+        parts = split(geom)
+    except ShapelyError as exc:
+        raise _fail(label, f"cannot split it at the antimeridian: {one_line(exc, 120)}") from None
+    if parts.is_empty:
+        raise _fail(label, "geometry is empty once split at the antimeridian")
+    parts, fixed_again = _valid_polygon(parts, f"{label} (split at the antimeridian)", repair)
+    return parts, fixed or fixed_again
 
 
 def regions_from_records(
@@ -212,11 +268,24 @@ def regions_from_records(
 
     ``geometry`` is GeoJSON (a mapping or text), WKB (bytes or hex text) or a shapely
     geometry; ``label`` names the record in errors (e.g. ``feature #3``). Each must be a
-    Polygon or MultiPolygon in longitude/latitude; invalid ones are repaired with
+    Polygon or MultiPolygon in WGS84 longitude/latitude (GeoJSON as
+    :mod:`airflow_memsafe.osm.geojson` validates it; latitudes within ±90°, longitudes
+    within ±360°); one crossing the antimeridian is split there into parts within
+    [-180, 180] (:mod:`airflow_memsafe.osm.antimeridian`). Invalid ones are repaired with
     ``shapely.make_valid`` (logged) unless ``repair`` is false, else rejected. Ids must be
-    valid region ids (:func:`validate_region_id`) and unique. Raises
-    :class:`InvalidRegionsError` naming the first offending record.
+    valid region ids (:func:`validate_region_id`: letters of any script, NFC) and unique.
+    Raises :class:`InvalidRegionsError` (one line) naming the first offending record.
     """
+    return _regions(records, source=source, repair=repair, parse=_parse_geometry)
+
+
+def _regions(
+    records: Iterable[tuple[Any, Any, str]],
+    *,
+    source: str,
+    repair: bool,
+    parse: Any,
+) -> Regions:
     ids: list[str] = []
     geoms: list[Any] = []
     repaired: list[str] = []
@@ -226,7 +295,8 @@ def regions_from_records(
         rid = _region_id(raw_id, where)
         label = f"{rid!r} ({where})"
         geom = raw_geom if isinstance(raw_geom, shapely.Geometry) else None
-        geom = geom if geom is not None else _parse_geometry(raw_geom, label)
+        geom = geom if geom is not None else parse(raw_geom, label)
+        raw_geom = None  # a parsed GeoJSON geometry can be big: not alive past its parse
         geom, fixed = _checked_polygon(geom, label, repair)
         if rid in seen:
             duplicates.append(f"{rid!r} ({seen[rid]} and {where})")
@@ -246,24 +316,25 @@ def regions_from_records(
     return Regions(ids, geoms, source=source, repaired=repaired)
 
 
-def _read_geojson(path: str | os.PathLike[str]) -> list[Any]:
-    p = Path(path)
+def _read_geojson(path: str | os.PathLike[str], max_bytes: int = MAX_GEOJSON_BYTES) -> list[Any]:
+    name = one_line(str(Path(path)))
     try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidRegionsError(f"cannot read regions GeoJSON {p}: {exc}") from None
+        doc = read_geojson(path, what="regions", max_bytes=max_bytes)
+    except InvalidGeoJSONError as exc:
+        raise InvalidRegionsError(str(exc)) from None
     if not isinstance(doc, Mapping) or doc.get("type") != "FeatureCollection":
-        raise InvalidRegionsError(f"regions file {p} is not a GeoJSON FeatureCollection")
+        raise InvalidRegionsError(f"regions file {name} is not a GeoJSON FeatureCollection")
     features = doc.get("features")
     if not isinstance(features, list):
-        raise InvalidRegionsError(f"regions file {p} has no features list")
+        raise InvalidRegionsError(f"regions file {name} has no features list")
     return features
 
 
 def _feature_id(feature: Any, id_property: str, label: str) -> Any:
     if not isinstance(feature, Mapping):
         raise _fail(label, "is not a GeoJSON Feature")
-    props = feature.get("properties") or {}
+    props = feature.get("properties")
+    props = props if isinstance(props, Mapping) else {}
     if id_property in props:
         return props[id_property]
     if id_property == "id" and "id" in feature:  # the Feature's own id member
@@ -272,20 +343,33 @@ def _feature_id(feature: Any, id_property: str, label: str) -> Any:
 
 
 def regions_from_geojson(
-    path: str | os.PathLike[str], *, id_property: str = "id", repair: bool = True
+    path: str | os.PathLike[str],
+    *,
+    id_property: str = "id",
+    repair: bool = True,
+    max_bytes: int = MAX_GEOJSON_BYTES,
 ) -> Regions:
     """Regions from a GeoJSON FeatureCollection file, one per Feature.
 
     The id is the Feature's ``properties[id_property]`` (for ``"id"`` also the Feature's
     own ``id`` member). See :func:`regions_from_records` for the validation.
-    Memory: the parsed file (it is read whole).
+    Memory: the parsed file (it is read whole, ~9× its size in Python objects): files over
+    ``max_bytes`` (default 64 MiB, :data:`~airflow_memsafe.osm.geojson.MAX_GEOJSON_BYTES`)
+    are refused before they are read.
     """
-    features = _read_geojson(path)
-    records = (
-        (_feature_id(f, id_property, f"feature #{i}"), f.get("geometry"), f"feature #{i}")
-        for i, f in enumerate(features)
+    features = _read_geojson(path, max_bytes)
+
+    def records() -> Iterator[tuple[Any, Any, str]]:
+        for i in range(len(features)):
+            # Drop each parsed Feature as it is read: the JSON objects (~9x the file) go
+            # as the shapely geometries (~1x) come. Only the consumer holds the geometry.
+            f, features[i] = features[i], None
+            rid = _feature_id(f, id_property, f"feature #{i}")
+            yield rid, f.pop("geometry", None), f"feature #{i}"
+
+    return _regions(
+        records(), source=one_line(str(path)), repair=repair, parse=_parse_geojson_geometry
     )
-    return regions_from_records(records, source=str(path), repair=repair)
 
 
 def split_table_name(table: str) -> tuple[str | None, str]:
@@ -462,7 +546,7 @@ class RegionMetrics:
 
     def measure(self, batch: list[Feature]) -> None:
         """One vectorised spatial join per micro-batch."""
-        geoms = geometries_from_wkb([wkb for wkb, _ in batch])
+        geoms = split_crossing(geometries_from_wkb([wkb for wkb, _ in batch]))
         classes = self._class_ids(value for _, value in batch)
         self.features += len(geoms)
         if self.ft.geometry is GeometryKind.POINT:

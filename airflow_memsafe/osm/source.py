@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import osmium
-import shapely
-from shapely.geometry import shape
 
 from airflow_memsafe.errors import InvalidPbfError
-from airflow_memsafe.osm.geodesy import bbox_area_km2, geodesic_areas_m2
+from airflow_memsafe.osm import geojson
+from airflow_memsafe.osm.geodesy import bbox_area_km2
 
 __all__ = ["PbfSource", "boundary_area_km2", "open_pbf", "pbf_file"]
 
@@ -102,21 +99,10 @@ def open_pbf(path: str | os.PathLike[str]) -> PbfSource:
 
 
 def boundary_area_km2(geojson_path: str | os.PathLike[str]) -> float:
-    """Geodesic area of the (unioned) polygons in a GeoJSON file, in km²."""
-    p = Path(geojson_path)
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read boundary GeoJSON {p}: {exc}") from None
-    if doc.get("type") == "FeatureCollection":
-        geoms = [shape(f["geometry"]) for f in doc.get("features", []) if f.get("geometry")]
-    elif doc.get("type") == "Feature":
-        geoms = [shape(doc["geometry"])]
-    else:
-        geoms = [shape(doc)]
-    polys = [g for g in geoms if g.geom_type in ("Polygon", "MultiPolygon")]
-    if not polys:
-        raise ValueError(f"boundary GeoJSON {p} has no Polygon or MultiPolygon")
-    parts = shapely.get_parts(shapely.make_valid(np.array(polys, dtype=object)))
-    merged = shapely.union_all(parts[np.isin(shapely.get_type_id(parts), (3, 6))])
-    return float(geodesic_areas_m2(np.array([merged]))[0] / 1e6)
+    """Geodesic area of the (unioned) polygons in a GeoJSON file, in km².
+
+    Validated, size-capped and split at the antimeridian as
+    :func:`airflow_memsafe.osm.geojson.boundary_area_km2` says; raises its
+    ``InvalidGeoJSONError`` (a ``ValueError``, one line).
+    """
+    return geojson.boundary_area_km2(geojson_path)
