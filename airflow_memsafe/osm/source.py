@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -66,12 +67,45 @@ def pbf_file(path: str | os.PathLike[str]) -> osmium.io.File:
     return osmium.io.File(str(path), "pbf")
 
 
+#: Leading bytes of formats people hand over instead of a PBF, and what they are.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip-compressed (an .osm.gz XML file?)"),
+    (b"BZh", "bzip2-compressed (an .osm.bz2 XML file?)"),
+    (b"\xff\xe0o5m2", "an o5m file"),
+    (b"\xff\xe0o5c2", "an o5c change file"),
+)
+
+
+def _other_format(path: Path) -> str | None:
+    """What the file is, when its first bytes say it is not a PBF (XML, compressed XML,
+    o5m); None when it may be a PBF. Reads 512 bytes."""
+    with path.open("rb") as fh:
+        head = fh.read(512)
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith((b"<?xml", b"<osm")):
+        return "an OSM XML file (.osm)" if b"<osmChange" not in text else "an OSM change file"
+    return None
+
+
+def _pbf_name(path: Path) -> str:
+    """Where the converted file could go: ``x.osm`` → ``x.osm.pbf``, never the input."""
+    name = path.name
+    for suffix in (".pbf", ".gz", ".bz2", ".osm", ".o5m", ".osc", ".xml"):
+        name = name.removesuffix(suffix)
+    converted = f"{name}.osm.pbf"
+    return converted if converted != path.name else f"{name}-converted.osm.pbf"
+
+
 def open_pbf(path: str | os.PathLike[str]) -> PbfSource:
     """Validate ``path`` as an OSM PBF and read its header.
 
     Raises :class:`InvalidPbfError` (one line naming the file and the problem) when the file
-    is missing, empty, not a PBF, or its header cannot be decoded. Truncation further in is
-    detected while streaming.
+    is missing, empty, not a PBF (XML, compressed XML and o5m files are named as such, with
+    the ``osmium cat`` command that converts them), or its header cannot be decoded.
+    Truncation further in is detected while streaming.
     """
     p = Path(path)
     if not p.exists():
@@ -81,6 +115,12 @@ def open_pbf(path: str | os.PathLike[str]) -> PbfSource:
     size = p.stat().st_size
     if size == 0:
         raise InvalidPbfError(f"PBF file is empty (0 bytes): {p}")
+    other = _other_format(p)
+    if other is not None:
+        raise InvalidPbfError(
+            f"{p} is {other}, not an OSM PBF file: convert it first with "
+            f"`osmium cat {shlex.quote(p.name)} -o {shlex.quote(_pbf_name(p))}` (osmium-tool)"
+        )
     try:
         with osmium.io.Reader(pbf_file(p), osmium.osm.NOTHING) as reader:
             header = reader.header()

@@ -62,12 +62,12 @@ def _dag(name: str, **kwargs: Any) -> DAG:
 
 
 def _extract(conn_id: str, fact_schema: str, types: list[str], **kwargs: Any) -> Any:
-    """The extract operator as the tests use it: Monaco, region monaco, snapshot s1."""
+    """The extract operator as the tests use it: Monaco, region monaco, snapshot 2024-01-01."""
     args = {
         "task_id": "extract",
         "pbf_path": str(MONACO),
         "region_id": "monaco",
-        "snapshot": "s1",
+        "snapshot": "2024-01-01",
         "feature_types": types,
         "postgres_conn_id": conn_id,
         "schema": fact_schema,
@@ -83,7 +83,7 @@ def _extract_and_verify(
         _extract(conn_id, schema, types, **kwargs) >> FeatureRowsLandedSensor(
             task_id="verify",
             region_id="monaco",
-            snapshot="s1",
+            snapshot="2024-01-01",
             feature_types=types,
             extract_task_ids="extract",
             postgres_conn_id=conn_id,
@@ -140,8 +140,17 @@ def _empty(tmp: Path) -> tuple[Path, str]:
 
 def _not_pbf(tmp: Path) -> tuple[Path, str]:
     path = tmp / "notes.osm.pbf"
-    path.write_text("<osm version='0.6'>\n  not a PBF, just text renamed\n</osm>\n" * 50)
+    path.write_text("not a PBF, just text renamed\n" * 50)
     return path, f"InvalidPbfError: not a valid OSM PBF file: {path} (PBF error: "
+
+
+def _xml(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "notes.osm.pbf"
+    path.write_text("<osm version='0.6'>\n  XML renamed to .pbf\n</osm>\n" * 50)
+    return path, (
+        f"InvalidPbfError: {path} is an OSM XML file (.osm), not an OSM PBF file: convert it "
+        "first with `osmium cat notes.osm.pbf -o notes-converted.osm.pbf` (osmium-tool)"
+    )
 
 
 def _truncated(tmp: Path) -> tuple[Path, str]:
@@ -156,7 +165,7 @@ def _truncated(tmp: Path) -> tuple[Path, str]:
     )
 
 
-@pytest.mark.parametrize("make_input", [_missing, _empty, _not_pbf, _truncated])
+@pytest.mark.parametrize("make_input", [_missing, _empty, _not_pbf, _xml, _truncated])
 def test_bad_pbf_fails_clearly_and_keeps_rows(
     make_input: Callable[[Path], tuple[Path, str]],
     tmp_path: Path,
@@ -175,10 +184,10 @@ def test_bad_pbf_fails_clearly_and_keeps_rows(
     _error_line(_output(capfd), message)
     # The good task's rows for the same region and snapshot are untouched by the bad run.
     rows = _rows(pg_server, pg_schema)
-    assert sorted(rows) == [("s1", "railways"), ("s1", "roads")]
+    assert sorted(rows) == [("2024-01-01", "railways"), ("2024-01-01", "roads")]
     assert {r["task_id"] for r in rows.values()} == {"good"}
-    assert rows["s1", "roads"]["feature_count"] == 2852
-    assert rows["s1", "railways"]["feature_count"] == 40
+    assert rows["2024-01-01", "roads"]["feature_count"] == 2852
+    assert rows["2024-01-01", "railways"]["feature_count"] == 40
 
 
 def test_circuit_breaker_refuses_oversized_input_and_keeps_rows(
@@ -196,7 +205,7 @@ def test_circuit_breaker_refuses_oversized_input_and_keeps_rows(
             pg_schema,
             ["roads", "railways"],
             task_id="capped",
-            snapshot="s2",
+            snapshot="2024-01-02",
             max_input_mb=0,
         )
     _, states = run_dag(dag)
@@ -204,7 +213,7 @@ def test_circuit_breaker_refuses_oversized_input_and_keeps_rows(
     out = _output(capfd)
     assert "roads: InputTooLargeError: roads: input is 1 MB, over max_input_mb=0" in out
     assert "railways: InputTooLargeError" in out
-    assert sorted(_rows(pg_server, pg_schema)) == [("s1", "roads")]
+    assert sorted(_rows(pg_server, pg_schema)) == [("2024-01-01", "roads")]
 
 
 def test_type_absent_from_the_file_is_a_zero_row(
@@ -226,10 +235,10 @@ def test_type_absent_from_the_file_is_a_zero_row(
     assert states == {"extract": "success", "verify": "success"}
     assert xcom_values(dag_run)["extract"]["counts"] == {"roads": 0, "buildings": 0, "amenities": 1}
     rows = _rows(pg_server, pg_schema)
-    roads, buildings = rows["s1", "roads"], rows["s1", "buildings"]
+    roads, buildings = rows["2024-01-01", "roads"], rows["2024-01-01", "buildings"]
     assert (roads["feature_count"], roads["length_km"], roads["class_counts"]) == (0, 0.0, {})
     assert (buildings["feature_count"], buildings["area_km2"]) == (0, 0.0)
-    assert rows["s1", "amenities"]["class_counts"] == {"bench": 1}
+    assert rows["2024-01-01", "amenities"]["class_counts"] == {"bench": 1}
 
 
 # ------------------------------------------------ 2. bad arguments, before any SQL -------
@@ -293,7 +302,7 @@ def test_bad_arguments_rejected_before_any_sql(
             FeatureRowsLandedSensor(
                 task_id="verify",
                 region_id="monaco",
-                snapshot="s1",
+                snapshot="2024-01-01",
                 feature_types=["roads"],
                 extract_task_ids="extract",
                 **args,
@@ -393,7 +402,7 @@ def test_connection_dropped_while_a_type_is_extracted_reconnects(
     rows = _rows(pg_server, pg_schema)
     assert sorted(t for _, t in rows) == sorted(BIG_TYPES)
     for name in BIG_TYPES:
-        _assert_clean(rows["s1", name], big_clean[name])
+        _assert_clean(rows["2024-01-01", name], big_clean[name])
     assert "; reconnecting and writing roads again" in _output(capfd)
 
 
@@ -458,19 +467,19 @@ def test_connection_lost_during_a_write(
     assert len(killed) == kills
     rows = _rows(pg_server, pg_schema)
     # Earlier types intact, later types written on a new connection.
-    assert rows["s1", "roads"]["feature_count"] == 2852
-    assert rows["s1", "buildings"]["feature_count"] == 1283
+    assert rows["2024-01-01", "roads"]["feature_count"] == 2852
+    assert rows["2024-01-01", "buildings"]["feature_count"] == 1283
     text = _output(capfd)
     if railways_row == "complete":
         assert states == {"extract": "success"}
-        railways = rows["s1", "railways"]
+        railways = rows["2024-01-01", "railways"]
         assert railways["feature_count"] == 40
         assert railways["length_km"] == pytest.approx(15.825, rel=1e-3)
         assert railways["class_counts"] and railways["task_id"] == "extract"
         assert "; reconnecting and writing railways again" in text
     else:
         assert states == {"extract": "failed"}
-        assert ("s1", "railways") not in rows
+        assert ("2024-01-01", "railways") not in rows
         _error_line(
             text,
             "FeatureExtractionFailed: 1 feature type(s) failed (railways); rows written for: "
@@ -536,7 +545,10 @@ def test_role_with_only_dml_grants_writes_into_an_existing_table(
         conn.execute(f'GRANT SELECT, INSERT, UPDATE ON "{pg_schema}".{FACTS} TO {role}')
     _, states = _extract_and_verify("dml_only", conn_id, pg_schema, ["roads", "railways"])
     assert states == {"extract": "success", "verify": "success"}
-    assert sorted(_rows(pg_server, pg_schema)) == [("s1", "railways"), ("s1", "roads")]
+    assert sorted(_rows(pg_server, pg_schema)) == [
+        ("2024-01-01", "railways"),
+        ("2024-01-01", "roads"),
+    ]
 
 
 # ---------------------------------------------- helpers for real airflow processes -------
@@ -625,7 +637,7 @@ def test_sigkill_mid_type_then_rerun_gives_one_clean_row_per_type(
         AIRFLOW__MEMSAFE__NODE_INDEX="sparse_file_array",
         AIRFLOW__MEMSAFE__INDEX_DIR=str(index_dir),
     )
-    conf = {"pbf_path": str(big_pbf), "region_id": "monaco", "snapshot": "s1"}
+    conf = {"pbf_path": str(big_pbf), "region_id": "monaco", "snapshot": "2024-01-01"}
     dag_id = "memsafe_fault_extract"
 
     proc, log = airflow.start("dags", "test", dag_id, "-c", json.dumps(conf))
@@ -640,19 +652,25 @@ def test_sigkill_mid_type_then_rerun_gives_one_clean_row_per_type(
     assert proc.returncode == -signal.SIGKILL
     time.sleep(0.5)  # the server notices the dead client and rolls back its transaction
     killed = _rows(pg_server, pg_schema)
-    assert sorted(killed) == [("s1", "roads")], "not killed in the middle of the second type"
-    _assert_clean(killed["s1", "roads"], big_clean["roads"])
+    assert sorted(killed) == [("2024-01-01", "roads")], (
+        "not killed in the middle of the second type"
+    )
+    _assert_clean(killed["2024-01-01", "roads"], big_clean["roads"])
     assert len(list(index_dir.iterdir())) == 1  # SIGKILL leaves the index file behind
 
     rc, text = airflow.dags_test(dag_id, conf)
     assert rc == 0, text[-3000:]
     rows = _rows(pg_server, pg_schema)
-    assert sorted(rows) == [("s1", name) for name in sorted(BIG_TYPES)]  # one row per type
+    assert sorted(rows) == [("2024-01-01", name) for name in sorted(BIG_TYPES)]  # one row per type
     [killed_id, rerun_id] = airflow.run_ids(dag_id)
     for name in BIG_TYPES:
-        _assert_clean(rows["s1", name], big_clean[name])
+        _assert_clean(rows["2024-01-01", name], big_clean[name])
     # The rerun resumed: the complete roads row (same input file) was kept, the rest written.
-    assert [rows["s1", name]["run_id"] for name in BIG_TYPES] == [killed_id, rerun_id, rerun_id]
+    assert [rows["2024-01-01", name]["run_id"] for name in BIG_TYPES] == [
+        killed_id,
+        rerun_id,
+        rerun_id,
+    ]
     # The killed process's file-backed node index does not stay on the worker's disk.
     assert list(index_dir.iterdir()) == []
 
@@ -667,7 +685,7 @@ def test_two_runs_of_one_snapshot_at_once(
     pg_server: PgServer,
     pg_schema: str,
 ) -> None:
-    conf = json.dumps({"pbf_path": str(big_pbf), "region_id": "monaco", "snapshot": "s1"})
+    conf = json.dumps({"pbf_path": str(big_pbf), "region_id": "monaco", "snapshot": "2024-01-01"})
     # Two workers (own process, own metadata DB) start the same snapshot into a schema that
     # does not exist yet: both create it, then write the same rows.
     runs = [
@@ -679,9 +697,9 @@ def test_two_runs_of_one_snapshot_at_once(
     for proc, log in runs:
         assert wait_or_kill(proc) == 0, log.read_text()[-3000:]
     rows = _rows(pg_server, pg_schema)
-    assert sorted(rows) == [("s1", name) for name in sorted(BIG_TYPES)]
+    assert sorted(rows) == [("2024-01-01", name) for name in sorted(BIG_TYPES)]
     for name in BIG_TYPES:
-        _assert_clean(rows["s1", name], big_clean[name])
+        _assert_clean(rows["2024-01-01", name], big_clean[name])
 
 
 def test_concurrent_table_creation_in_one_new_schema(pg_server: PgServer, pg_schema: str) -> None:
@@ -716,7 +734,7 @@ def test_concurrent_table_creation_in_one_new_schema(pg_server: PgServer, pg_sch
 def test_sensor_names_missing_and_mismatched_types_then_passes_on_rerun(
     tmp_path: Path, pg_server: PgServer, pg_schema: str
 ) -> None:
-    conf = {"pbf_path": str(MONACO), "region_id": "monaco", "snapshot": "s1"}
+    conf = {"pbf_path": str(MONACO), "region_id": "monaco", "snapshot": "2024-01-01"}
     airflow = AirflowProcess(tmp_path / "home", pg_server, pg_schema)
     dag_id = "memsafe_fault_sensor"
     rc, text = airflow.dags_test(dag_id, conf)
@@ -724,7 +742,7 @@ def test_sensor_names_missing_and_mismatched_types_then_passes_on_rerun(
     # extract wrote roads and railways; tamper deleted railways and set roads' count to 1.
     _error_line(
         text,
-        "Region monaco, snapshot s1: missing rows for: railways; count mismatch for: roads "
+        "Region monaco, snapshot 2024-01-01: missing rows for: railways; count mismatch for: roads "
         "(row 1 != XCom 2852)",
     )
     assert "AirflowSensorTimeout" in text
@@ -736,7 +754,9 @@ def test_sensor_names_missing_and_mismatched_types_then_passes_on_rerun(
         conn.execute(f'INSERT INTO "{pg_schema}".{FACTS} SELECT * FROM "{pg_schema}".held')
     rc, text = airflow.run("tasks", "test", dag_id, "verify", run_id)
     assert rc == 0, text[-3000:]
-    assert f"All 2 rows landed in {pg_schema}.{FACTS} for region monaco, snapshot s1" in text
+    assert (
+        f"All 2 rows landed in {pg_schema}.{FACTS} for region monaco, snapshot 2024-01-01" in text
+    )
 
 
 # ------------------------------------------------- 8. input hostile to parsers ----------
@@ -846,8 +866,8 @@ def test_hostile_tags_and_huge_ways_keep_metrics_right(
     overlong_area = replace_pbf_strings(no_bbox, tmp_path / "overlong-area.osm.pbf", overlong)
     with _dag("hostile") as dag:
         for task_id, pbf, snapshot in [
-            ("hostile", hostile, "s1"),
-            ("overlong", overlong_typed, "s2"),
+            ("hostile", hostile, "2024-01-01"),
+            ("overlong", overlong_typed, "2024-01-02"),
             ("overlong_area", overlong_area, "s3"),
         ]:
             args = {"task_id": task_id, "pbf_path": str(pbf), "snapshot": snapshot}
@@ -857,9 +877,9 @@ def test_hostile_tags_and_huge_ways_keep_metrics_right(
     assert states == {"hostile": "success", "overlong": "failed", "overlong_area": "failed"}
 
     rows = _rows(pg_server, pg_schema)
-    assert sorted(rows) == [("s1", name) for name in sorted(expected)]
+    assert sorted(rows) == [("2024-01-01", name) for name in sorted(expected)]
     for name, metrics in expected.items():
-        row = rows["s1", name]
+        row = rows["2024-01-01", name]
         for metric, value in metrics.items():
             if metric == "length_km":  # both sum pyproj's segment lengths
                 assert row[metric] == pytest.approx(value, rel=1e-9), (name, metric)
