@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py $(if $(REPROCESS),--reprocess)
 
 # The docker-compose topology for real, without Docker: PostgreSQL, Redis, Airflow (Celery,
-# worker in a 1 GiB memory cgroup; needs root). `make stack PBF=big.osm.pbf STACK_ARGS=...`
+# workers (`--workers N`, default 2), each in its own 1 GiB memory cgroup; needs root).
+# `make stack PBF=big.osm.pbf STACK_ARGS=...`
 stack: $(STAMP)
 	$(BIN)/python scripts/stack.py $(if $(PBF),--pbf $(PBF)) $(STACK_ARGS)
 

@@ -66,7 +66,7 @@ class FeatureType:
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
             raise ValueError(
                 f"feature type name {self.name!r} must match {_NAME_RE.pattern} "
                 "(lowercase letters, digits, underscores)"

@@ -20,9 +20,11 @@ __all__ = ["snapshot_of", "validate_identifier", "validate_region_id", "validate
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 #: A letter or digit (any script), then letters, digits and ``_ . : -``; at most 128.
 _REGION_ID = re.compile(r"^[^\W_][\w.:-]{0,127}$")
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: Patterns are matched whole (``fullmatch``: ``$`` alone would let a trailing newline in).
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _DATE_TIME = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?$"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
+    r"(Z|[+-][0-9]{2}:?[0-9]{2})?"
 )
 #: How much of a rejected value an error message quotes.
 _QUOTE_CHARS = 40
@@ -33,7 +35,7 @@ def _quoted(value: object) -> str:
 
 
 def _check(value: object, pattern: re.Pattern[str], what: str, rule: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidIdentifierError(f"invalid {what} {_quoted(value)}: {rule}")
     return value
 
@@ -74,9 +76,9 @@ def validate_snapshot(value: object) -> str:
         raise InvalidIdentifierError(f"invalid snapshot {_quoted(value)}: {rule}")
     text = value.strip()
     try:
-        if _DATE.match(text):
+        if _DATE.fullmatch(text):
             return date.fromisoformat(text).isoformat()
-        if _DATE_TIME.match(text):
+        if _DATE_TIME.fullmatch(text):
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
             return snapshot_of(moment)
     except ValueError as exc:  # matched the shape, not the calendar (2024-13-45, 25:00)

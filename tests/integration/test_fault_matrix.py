@@ -254,9 +254,9 @@ BAD_ARGUMENTS = [
     ("duplicate types", {"feature_types": ["roads", "buildings", "roads"]}, "ValueError",
      "duplicate feature types: roads"),
     ("invalid region id", {"region_id": f"monaco'; DROP TABLE {CANARY}; --"},
-     "InvalidIdentifierError", "invalid region id \"monaco'; DROP TABLE canary; --\": use"),
+     "InvalidIdentifierError", "invalid region id 'monaco'; DROP TABLE canary; --': use"),
     ("invalid snapshot", {"snapshot": f"2024-01-01'); DROP TABLE {CANARY}; --"},
-     "InvalidIdentifierError", "invalid snapshot \"2024-01-01'); DROP TABLE canary; --\""),
+     "InvalidIdentifierError", "invalid snapshot '2024-01-01'); DROP TABLE canary; --'"),
     ("schema injection", {"schema": INJECT}, "InvalidIdentifierError",
      f"invalid schema name '{INJECT}': use letters, digits and underscores"),
     ("table injection", {"table": f'facts"; DROP TABLE {CANARY}; --'},
@@ -450,7 +450,7 @@ def test_connection_lost_during_a_write(
     blocker = pg_server.connect()
     blocker.execute(
         f'INSERT INTO "{pg_schema}".{FACTS} (region_id, feature_type, snapshot, geometry_kind, '
-        "feature_count) VALUES ('monaco', 'railways', 's1', 'line', -1)"
+        "feature_count) VALUES ('monaco', 'railways', '2024-01-01', 'line', -1)"
     )
     killed: list[int] = []
     killer = threading.Thread(
@@ -868,7 +868,7 @@ def test_hostile_tags_and_huge_ways_keep_metrics_right(
         for task_id, pbf, snapshot in [
             ("hostile", hostile, "2024-01-01"),
             ("overlong", overlong_typed, "2024-01-02"),
-            ("overlong_area", overlong_area, "s3"),
+            ("overlong_area", overlong_area, "2024-01-03"),
         ]:
             args = {"task_id": task_id, "pbf_path": str(pbf), "snapshot": snapshot}
             _extract(facts_conn_id, pg_schema, list(expected), region_id="hostile", **args)

@@ -321,11 +321,54 @@ def test_database_gone_mid_run_fails_the_rest_without_reading(
 # -------------------------------------------------------- 5. sensor at parse time ------
 
 
-def test_sensor_refuses_an_unknown_type_when_the_dag_is_parsed(facts_conn_id: str) -> None:
-    with new_dag("sensor_unknown"), pytest.raises(UnknownFeatureTypeError, match="roadz"):
+def test_sensor_refuses_an_unknown_type_when_the_dag_is_parsed(
+    facts_conn_id: str, pg_schema: str
+) -> None:
+    with new_dag("sensor_unknown"):
+        monaco_extract(facts_conn_id, pg_schema, ["roads"])
+        with pytest.raises(UnknownFeatureTypeError, match="roadz"):
+            FeatureRowsLandedSensor(
+                task_id="verify",
+                region_id="monaco",
+                feature_types=["roads", "roadz"],
+                extract_task_ids="extract",
+            )
+
+
+def test_sensor_defined_before_its_extracts_refuses_an_unknown_type_at_once(
+    facts_conn_id: str, pg_schema: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The extract task is not in the DAG yet when the sensor is built: checked when it runs,
+    # failing at the first poke instead of waiting for its timeout.
+    with new_dag("sensor_first") as dag:
+        verify = FeatureRowsLandedSensor(
+            task_id="verify",
+            region_id="monaco",
+            snapshot="2024-01-01",
+            feature_types=["railways", "railwayz"],
+            extract_task_ids="extract",
+            postgres_conn_id=facts_conn_id,
+            schema=pg_schema,
+            timeout=600,
+            poke_interval=60,
+        )
+        monaco_extract(facts_conn_id, pg_schema, ["railways"]) >> verify
+    _, states = run_dag(dag)
+    assert states == {"extract": "success", "verify": "failed"}
+    assert "UnknownFeatureTypeError: unknown feature type 'railwayz'" in _output(capfd)
+
+
+def test_sensor_accepts_a_subclass_type_by_name(facts_conn_id: str, pg_schema: str) -> None:
+    from airflow_memsafe import FeatureType, OsmFeatureExtractOperator
+
+    class Schools(OsmFeatureExtractOperator):
+        feature_type = FeatureType("schools", key="amenity", values={"school"}, geometry="point")
+
+    with new_dag("sensor_subclass"):
+        Schools(task_id="extract", pbf_path=str(MONACO), region_id="monaco")
         FeatureRowsLandedSensor(
             task_id="verify",
             region_id="monaco",
-            feature_types=["roads", "roadz"],
+            feature_types=["schools"],
             extract_task_ids="extract",
         )

@@ -45,6 +45,7 @@ def test_snapshots_are_normalised(given: str, canonical: str) -> None:
         ("s1", "use a date YYYY-MM-DD"),
         ("2024-01-01'); DROP TABLE x; --", "use a date YYYY-MM-DD"),
         ("", "use a date YYYY-MM-DD"),
+        ("2024-01-01\nx", "use a date YYYY-MM-DD"),
     ],
 )
 def test_snapshots_that_are_not_dates_are_refused(given: str, why: str) -> None:
@@ -67,7 +68,8 @@ def test_region_ids_are_nfc() -> None:
 
 
 @pytest.mark.parametrize(
-    "region_id", ["a\nb", "tab\there", "x\x00", "a b", "_lead", "-lead", "a" * 129, "", "a;b"]
+    "region_id",
+    ["a\nb", "tab\there", "x\x00", "a b", "_lead", "-lead", "a" * 129, "", "a;b", "monaco\n"],
 )
 def test_bad_region_ids_are_refused_with_a_short_quote(region_id: str) -> None:
     with pytest.raises(InvalidIdentifierError, match="invalid region id") as err:
