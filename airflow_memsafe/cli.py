@@ -52,7 +52,42 @@ def _parser() -> argparse.ArgumentParser:
     tile.add_argument("out", help="output PBF")
     tile.add_argument("--copies", type=int, required=True, help="number of copies (>= 1)")
     _export_parser(sub)
+    _update_parser(sub)
     return parser
+
+
+def _update_parser(sub: Any) -> None:
+    from airflow_memsafe.osm.replication import DEFAULT_SIZE_MB
+
+    upd = sub.add_parser(
+        "update",
+        help="bring a PBF up to date from an OSM replication server (atomically, in bounded "
+        "memory)",
+    )
+    upd.add_argument("pbf", help="OSM PBF file, replaced by its updated version")
+    upd.add_argument(
+        "--server",
+        help="replication base URL (the directory holding state.txt); default: the one in "
+        "the PBF header (Geofabrik extracts and updated files have it)",
+    )
+    upd.add_argument(
+        "--size-mb",
+        type=float,
+        default=DEFAULT_SIZE_MB,
+        help=f"decoded diff data applied per run (default {DEFAULT_SIZE_MB}); more: run again",
+    )
+    upd.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _update(args: argparse.Namespace) -> int:
+    from airflow_memsafe.osm.replication import update_pbf
+
+    result = update_pbf(args.pbf, args.server, size_mb=args.size_mb)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(result.summary())
+    return 0
 
 
 def _export_parser(sub: Any) -> None:
@@ -192,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "export":
             return _export(args)
+        if args.command == "update":
+            return _update(args)
         if args.command == "extract":
             return _extract(args)
         return _tile(args)
