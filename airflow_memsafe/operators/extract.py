@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from airflow.sdk import Asset, BaseOperator, Context
@@ -31,8 +32,13 @@ from airflow_memsafe.lineage import ExtractLineage, operator_lineage
 from airflow_memsafe.memory import release_memory
 from airflow_memsafe.memory.monitor import MemoryMonitor, MemorySample
 from airflow_memsafe.memory.slots import concurrency_slot
-from airflow_memsafe.osm.extract import extract_feature_type, memory_monitor, region_area_km2
-from airflow_memsafe.osm.source import open_pbf
+from airflow_memsafe.osm.extract import (
+    FeatureResult,
+    density_area,
+    extract_pass,
+    memory_monitor,
+)
+from airflow_memsafe.osm.source import PbfSource, open_pbf
 from airflow_memsafe.storage import FactRow, FactTable, Lineage, validate_region_id
 from airflow_memsafe.storage.identifiers import validate_snapshot
 from airflow_memsafe.storage.metrics import MetricsSink
@@ -91,6 +97,14 @@ class OsmFeatureExtractOperator(BaseOperator):
     :param boundary_path: optional GeoJSON polygon for the region's area (densities).
     :param allow_partial: succeed with the rows that were written when some types fail.
     :param record_memory_metrics: write memory snapshots to ``pipeline_metrics``.
+    :param single_pass: read the PBF once for all types of the task (templated boolean)
+        instead of once per type. Rows are still written and committed one type at a time,
+        a type whose metrics fail still fails alone, landed types are still skipped; a
+        corrupt file or memory running out fails the types of that one read together.
+        One read saves (types − 1) full decodes of the file; one task per type (the
+        default of the example DAGs) keeps per-type retries and per-type visibility in the
+        UI. Memory: one micro-batch per type and the candidate relations of every area
+        type at once.
     :param reprocess: recompute every type (templated). By default a type whose row already
         landed for this region and snapshot **from the same source file** (``source_sha256``)
         is skipped — a retry or re-trigger resumes where it stopped; its XCom count is read
@@ -114,6 +128,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         "boundary_path",
         "postgres_conn_id",
         "reprocess",
+        "single_pass",
     )
     ui_color = "#cfe8d5"
 
@@ -144,6 +159,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         node_index: str | None = None,
         force_gc: bool | None = None,
         reprocess: bool | str = False,
+        single_pass: bool | str = False,
         fact_asset: Asset | str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -161,6 +177,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         self.postgres_conn_id = postgres_conn_id
         self.schema = schema
         self.reprocess = reprocess
+        self.single_pass = single_pass
         self.boundary_path = boundary_path
         self.allow_partial = allow_partial
         self.record_memory_metrics = record_memory_metrics
@@ -235,6 +252,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         snapshot = run_snapshot(context, self.snapshot)
         settings = MemsafeSettings.resolve(self.setting_overrides, _airflow_conf_lookup)
         reprocess = _as_bool(self.reprocess, "reprocess")
+        single_pass = _as_bool(self.single_pass, "single_pass")
         ti = context["ti"]
         monitor = memory_monitor(settings)
         sink = self._metrics_sink(ti, monitor) if self.record_memory_metrics else None
@@ -244,7 +262,7 @@ class OsmFeatureExtractOperator(BaseOperator):
             with concurrency_slot(settings.max_concurrency, lock_dir=settings.slots_dir), monitor:
                 with monitor.labelled("setup"):
                     source = open_pbf(self.pbf_path)
-                    area_km2 = self._prepare(source)
+                    area = self._prepare(source)
                     lineage = Lineage(
                         source_file=source.name,
                         source_size_bytes=source.size_bytes,
@@ -275,15 +293,11 @@ class OsmFeatureExtractOperator(BaseOperator):
                     landed = {} if reprocess else self._landed(region_id, snapshot, source.sha256)
                     counts, failed, retryable = self._run_types(
                         types,
-                        source,
-                        settings,
-                        monitor,
+                        _Pass(source, settings, monitor, area),
                         sink,
-                        area_km2,
-                        region_id,
-                        snapshot,
-                        lineage,
+                        _Target(region_id, snapshot, lineage),
                         landed,
+                        single_pass,
                     )
                 finally:
                     self._conn.close()
@@ -386,74 +400,52 @@ class OsmFeatureExtractOperator(BaseOperator):
             doing = f"reading the rows already in {self.fact_table.qualified_name}"
             raise describe_db_error(self.postgres_conn_id, exc, doing) from None
 
-    def _prepare(self, source: Any) -> float | None:
-        """Per-task preparation once the PBF is open; returns the area for densities.
-        A hook: the many-regions operator loads its regions here."""
-        return region_area_km2(source, self.boundary_path)
+    def _prepare(self, source: PbfSource) -> Any:
+        """Per-task preparation once the PBF is open; returns what :meth:`_read` needs for
+        densities (the density area). A hook: the many-regions operator loads its regions
+        here."""
+        return density_area(source, self.boundary_path)
 
-    def _extract_type(
-        self,
-        ft: FeatureType,
-        source: Any,
-        settings: MemsafeSettings,
-        monitor: MemoryMonitor,
-        area_km2: float | None,
-        region_id: str,
-        snapshot: str,
-        lineage: Lineage,
-    ) -> tuple[Any, str]:
-        """Extract one type, write and commit its row: (XCom count, log summary). A hook:
-        the many-regions operator writes one row per region here. The result is freed on
-        return, before the next type."""
-        result = extract_feature_type(
-            source, ft, settings, region_area_km2=area_km2, monitor=monitor
-        )
-        with monitor.labelled("write"):
-            self._write(FactRow(region_id, snapshot, result, lineage))
+    def _read(self, types: list[FeatureType], run: _Pass) -> tuple[dict[str, Any], dict]:
+        """One read of the PBF for ``types``: per type its outcome (what :meth:`_store`
+        writes), and the exception of each type that failed alone. A hook: the many-regions
+        operator splits each type over its regions."""
+        return extract_pass(run.source, types, run.settings, area=run.area, monitor=run.monitor)
+
+    def _store(self, ft: FeatureType, outcome: Any, target: _Target) -> tuple[Any, str]:
+        """Write and commit one type's row(s): (XCom count, log summary). A hook: the
+        many-regions operator writes one row per region."""
+        result: FeatureResult = outcome
+        self._write(FactRow(target.region_id, target.snapshot, result, target.lineage))
         summary = (
-            f"extract {result.duration_s:.2f} s (the row's duration_s), "
             f"{result.feature_count} features ({result.skipped_count} skipped), "
-            f"{_metric_text(result)}, "
-            f"{result.objects_seen / max(result.duration_s, 1e-9):.0f} objects/s, "
-            f"node index {result.node_index}"
+            f"{_metric_text(result)}, density area {result.region_area_km2 or 0:.3f} km² "
+            f"({result.extra.get('area_source', '?')})"
         )
         return result.feature_count, summary
 
     def _run_types(
         self,
         types: list[FeatureType],
-        source: Any,
-        settings: MemsafeSettings,
-        monitor: MemoryMonitor,
+        run: _Pass,
         sink: MetricsSink | None,
-        area_km2: float | None,
-        region_id: str,
-        snapshot: str,
-        lineage: Lineage,
+        target: _Target,
         landed: Mapping[str, int],
+        single_pass: bool,
     ) -> tuple[dict[str, int], dict[str, str], set[str]]:
-        """Each type: extract, write and commit its row, free memory. Failures are isolated.
-        Types in ``landed`` (rows from the same input file) are not recomputed.
+        """Read (one read per type, or one for all with ``single_pass``), then per type:
+        write and commit its row, free memory. Failures are isolated per type. Types in
+        ``landed`` (rows from the same input file) are not recomputed.
 
         Returns counts, failures (type → one-line error) and the failed types a retry could
         fix. A broken file or an unreachable database fails every later type at once, without
-        reading the PBF again (the database is checked with a cheap query before each type).
+        reading the PBF again (the database is checked with a cheap query before each read).
         """
         counts: dict[str, int] = {}
         failed: dict[str, str] = {}
         retryable: set[str] = set()
-        fatal: str | None = None  # why no later type can succeed in this attempt
+        pending = []
         for ft in types:
-            if fatal is None and ft.name not in landed:
-                try:
-                    self._conn = live_connection(self._conn, self.postgres_conn_id)
-                except FactsDatabaseError as exc:
-                    fatal = f"{type(exc).__name__}: {exc}"
-                    retryable.update(t.name for t in types if t.name not in landed)
-            if fatal is not None and ft.name not in landed:
-                failed[ft.name] = fatal
-                self.log.error("%s not attempted: %s", ft.name, fatal)
-                continue
             if ft.name in landed:
                 counts[ft.name] = landed[ft.name]
                 self.log.info(
@@ -462,47 +454,96 @@ class OsmFeatureExtractOperator(BaseOperator):
                     ft.name,
                     landed[ft.name],
                 )
-                continue
-            started = time.perf_counter()
-            with monitor.labelled("extract", ft.name):
-                before = monitor.sample()
-                if sink is not None:
-                    sink.record(before, "type_start")
+            else:
+                pending.append(ft)
+        groups = [pending] if single_pass and pending else [[ft] for ft in pending]
+        fatal: str | None = None  # why no later type can succeed in this attempt
+        for i, group in enumerate(groups):
+            names = [ft.name for ft in group]
+            if fatal is None:
                 try:
-                    counts[ft.name], summary = self._extract_type(
-                        ft, source, settings, monitor, area_km2, region_id, snapshot, lineage
-                    )
-                except Exception as exc:  # one type's failure must not stop the others
-                    failed[ft.name] = f"{type(exc).__name__}: {exc}"
-                    if not is_permanent(exc):
-                        retryable.add(ft.name)
-                    if isinstance(exc, InvalidPbfError):  # every later type would fail alike
-                        fatal = failed[ft.name]
-                    self.log.error(
-                        "%s failed after %.1f s: %s", ft.name, time.perf_counter() - started, exc
-                    )
-                finally:
-                    peak_mb = monitor.peak_working_set_mb
-                    with monitor.labelled("cleanup"):
-                        if settings.force_gc:
-                            release_memory()
-                        after = monitor.sample()
-                    if sink is not None:
-                        sink.record(after, "type_end")
-                        sink.flush()
-            if ft.name in counts:
-                self.log.info(
-                    "%s: %s; %.2f s in all with write and cleanup, working set before %.0f / "
-                    "peak %.0f / after %.0f MB (freed %.0f MB) — row committed",
-                    ft.name,
-                    summary,
-                    time.perf_counter() - started,
-                    before.working_set_mb,
-                    peak_mb,
-                    after.working_set_mb,
-                    max(0.0, peak_mb - after.working_set_mb),
-                )
+                    self._conn = live_connection(self._conn, self.postgres_conn_id)
+                except FactsDatabaseError as exc:
+                    fatal = f"{type(exc).__name__}: {exc}"
+                    retryable.update(ft.name for g in groups[i:] for ft in g)
+            if fatal is not None:
+                for name in names:
+                    failed[name] = fatal
+                    self.log.error("%s not attempted: %s", name, fatal)
+                continue
+            fatal = self._run_group(group, run, sink, target, counts, failed, retryable)
         return counts, failed, retryable
+
+    def _run_group(
+        self,
+        group: list[FeatureType],
+        run: _Pass,
+        sink: MetricsSink | None,
+        target: _Target,
+        counts: dict[str, int],
+        failed: dict[str, str],
+        retryable: set[str],
+    ) -> str | None:
+        """One read for ``group``, then each type's write; returns the error that makes
+        later reads pointless (a corrupt file), else None."""
+        monitor = run.monitor
+        names = [ft.name for ft in group]
+        label = names[0] if len(group) == 1 else "single_pass"
+        started = time.perf_counter()
+        fatal: str | None = None
+        with monitor.labelled("extract", label):
+            before = monitor.sample()
+            if sink is not None:
+                sink.record(before, "type_start")
+            try:
+                outcomes, errors = self._read(group, run)
+            except Exception as exc:  # the whole read failed: every type of it
+                outcomes, errors = {}, dict.fromkeys(names, exc)
+                if isinstance(exc, InvalidPbfError):  # every later read would fail alike
+                    fatal = f"{type(exc).__name__}: {exc}"
+            read_s = time.perf_counter() - started
+            written: dict[str, str] = {}
+            for ft in group:
+                error = errors.get(ft.name)
+                if error is None:
+                    try:
+                        with monitor.labelled("write", ft.name):
+                            counts[ft.name], written[ft.name] = self._store(
+                                ft, outcomes[ft.name], target
+                            )
+                    except Exception as exc:  # one type's failure must not stop the others
+                        error = exc
+                if error is not None:
+                    failed[ft.name] = f"{type(error).__name__}: {error}"
+                    if not is_permanent(error):
+                        retryable.add(ft.name)
+                    self.log.error("%s failed after %.1f s: %s", ft.name, read_s, error)
+            outcomes.clear()  # free the results before measuring what is left
+            peak_mb = monitor.peak_working_set_mb
+            with monitor.labelled("cleanup"):
+                if run.settings.force_gc:
+                    release_memory()
+                after = monitor.sample()
+            if sink is not None:
+                sink.record(after, "type_end")
+                sink.flush()
+        shared = f" (one read for {', '.join(names)})" if len(group) > 1 else ""
+        for name, summary in written.items():
+            self.log.info(
+                "%s: read %.2f s%s (the row's duration_s), %s; %.2f s in all with writes and "
+                "cleanup, working set before %.0f / peak %.0f / after %.0f MB (freed %.0f MB) "
+                "— row committed",
+                name,
+                read_s,
+                shared,
+                summary,
+                time.perf_counter() - started,
+                before.working_set_mb,
+                peak_mb,
+                after.working_set_mb,
+                max(0.0, peak_mb - after.working_set_mb),
+            )
+        return fatal
 
     def _write(self, row: FactRow | Sequence[FactRow]) -> None:
         """Upsert and commit one row (or one type's rows of many regions, in one
@@ -530,6 +571,25 @@ class OsmFeatureExtractOperator(BaseOperator):
                     )
                     continue
                 raise describe_db_error(self.postgres_conn_id, exc) from None
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every read of a task shares."""
+
+    source: PbfSource
+    settings: MemsafeSettings
+    monitor: MemoryMonitor
+    area: Any  # the density area, or the many-regions operator's regions
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a task's rows go: their key and lineage."""
+
+    region_id: str
+    snapshot: str
+    lineage: Lineage
 
 
 def _metric_text(result: Any) -> str:

@@ -5,14 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.context import is_template
 from airflow_memsafe.features import FeatureType, GeometryKind
 from airflow_memsafe.hooks import connect_facts_db
-from airflow_memsafe.memory.monitor import MemoryMonitor
 from airflow_memsafe.operators.extract import OsmFeatureExtractOperator
-from airflow_memsafe.osm.regions import Regions, extract_regions, load_regions, split_table_name
-from airflow_memsafe.storage import FactRow, Lineage, validate_identifier
+from airflow_memsafe.osm.regions import (
+    Regions,
+    RegionsPass,
+    extract_regions_pass,
+    load_regions,
+    split_table_name,
+)
+from airflow_memsafe.storage import FactRow, validate_identifier
 
 __all__ = ["OsmRegionsExtractOperator"]
 
@@ -128,22 +132,17 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
     def _landed(self, region_id: str, snapshot: str, source_sha256: str | None) -> dict[str, int]:
         return {}  # every type is recomputed over all regions
 
-    def _extract_type(
-        self,
-        ft: FeatureType,
-        source: Any,
-        settings: MemsafeSettings,
-        monitor: MemoryMonitor,
-        area_km2: float | None,
-        region_id: str,
-        snapshot: str,
-        lineage: Lineage,
-    ) -> tuple[Any, str]:
+    def _read(self, types: list[FeatureType], run: Any) -> tuple[dict[str, Any], dict]:
         assert self._regions is not None, "_prepare loads the regions"
-        result = extract_regions(source, ft, self._regions, settings, monitor=monitor)
-        with monitor.labelled("write"):
-            self._write([FactRow(rid, snapshot, row, lineage) for rid, row in result.rows()])
-        total = float(result.metrics.amount.sum())
+        return extract_regions_pass(
+            run.source, types, self._regions, run.settings, monitor=run.monitor
+        )
+
+    def _store(self, ft: FeatureType, outcome: Any, target: Any) -> tuple[Any, str]:
+        result: RegionsPass = outcome
+        rows = [FactRow(rid, target.snapshot, row, target.lineage) for rid, row in result.rows()]
+        self._write(rows)
+        total = float(result.metrics.tally.amount.sum())
         metric = (
             f"{total / 1000:.3f} km in regions"
             if ft.geometry is GeometryKind.LINE
@@ -155,7 +154,6 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
         summary = (
             f"{counts['regions']} region rows, {counts['features']} region features "
             f"({counts['placed']} distinct, {counts['outside']} outside every region, "
-            f"{counts['skipped']} skipped), {metric}, "
-            f"{result.stats.objects_seen / max(result.stats.duration_s, 1e-9):.0f} objects/s"
+            f"{counts['skipped']} skipped), {metric}"
         )
         return counts, summary

@@ -2,9 +2,9 @@
 
 Regions are polygons with ids (districts, municipalities, grid cells) from a GeoJSON
 FeatureCollection or a PostgreSQL table. Each micro-batch of the engine's stream
-(:func:`airflow_memsafe.osm.extract.stream_feature_type`: C++ tag filters, bounded batches,
-memory guard) is matched against a shapely ``STRtree`` of the regions in one vectorised
-query, then:
+(:func:`airflow_memsafe.osm.stream.stream_types`: C++ tag filters, bounded batches,
+memory guard; one read for one type or for all of them) is matched against a shapely
+``STRtree`` of the regions in one vectorised query, then:
 
 - **points** (nodes; areas via ``point_on_surface``) count in exactly one region: the
   first region, in input order, whose polygon contains the point or has it on its boundary —
@@ -62,14 +62,7 @@ from airflow_memsafe.features import FeatureType, GeometryKind
 from airflow_memsafe.memory import release_memory
 from airflow_memsafe.memory.monitor import MemoryMonitor
 from airflow_memsafe.osm.antimeridian import needs_split, split, split_crossing, unwrap
-from airflow_memsafe.osm.extract import (
-    OTHER_CLASS,
-    Feature,
-    FeatureResult,
-    StreamStats,
-    memory_monitor,
-    stream_feature_type,
-)
+from airflow_memsafe.osm.extract import memory_monitor
 from airflow_memsafe.osm.geodesy import (
     geodesic_areas_m2,
     geodesic_lengths_m,
@@ -84,6 +77,8 @@ from airflow_memsafe.osm.geojson import (
     read_geojson,
 )
 from airflow_memsafe.osm.source import PbfSource, open_pbf
+from airflow_memsafe.osm.stream import TypeJob, stream_types
+from airflow_memsafe.osm.tally import Feature, FeatureResult, StreamStats, Tally
 from airflow_memsafe.storage.identifiers import validate_identifier, validate_region_id
 
 __all__ = [
@@ -92,6 +87,7 @@ __all__ = [
     "Regions",
     "RegionsPass",
     "extract_regions",
+    "extract_regions_pass",
     "extract_regions_types",
     "grid_geojson",
     "load_regions",
@@ -510,11 +506,12 @@ def _parts_of_dimension(geoms: np.ndarray, dim: int) -> tuple[np.ndarray, np.nda
 
 
 class RegionMetrics:
-    """Per-region running sums of one feature type; the sink of the engine's micro-batches.
+    """The many-regions sink of one feature type: each micro-batch is assigned to the
+    regions with one vectorised STRtree query and added to a :class:`Tally`.
 
-    Memory: 3 numbers + ``max_classes + 1`` class counts per region, whatever the number of
-    features. The class vocabulary is shared by all regions (first ``max_classes`` distinct
-    values in reading order, the rest under ``"__other__"``), exactly as for one region.
+    Memory: the :class:`Tally` (2 numbers + ``max_classes + 1`` class counts per region),
+    whatever the number of features; the class vocabulary is shared by all regions, exactly
+    as for one region.
     """
 
     point_geometry = True
@@ -522,32 +519,15 @@ class RegionMetrics:
     def __init__(self, regions: Regions, feature_type: FeatureType, max_classes: int) -> None:
         self.regions = regions
         self.ft = feature_type
-        self.max_classes = max_classes
-        n = len(regions)
-        self.count = np.zeros(n, dtype=np.int64)
-        self.amount = np.zeros(n)  # metres (lines) or m² (areas)
-        self.class_counts = np.zeros((n, max_classes + 1), dtype=np.int64)
-        self.vocabulary: dict[str, int] = {}
+        self.tally = Tally(feature_type, len(regions), max_classes)
         self.features = 0  # features measured (as in a single-region pass)
         self.placed = 0  # features that landed in at least one region
         self.clip_failures = 0
 
-    def _class_ids(self, values: Iterable[str]) -> np.ndarray:
-        vocab, limit = self.vocabulary, self.max_classes
-        out = []
-        for value in values:
-            idx = vocab.get(value)
-            if idx is None:
-                idx = len(vocab) if len(vocab) < limit else limit
-                if idx < limit:
-                    vocab[value] = idx
-            out.append(idx)
-        return np.asarray(out, dtype=np.int64)
-
     def measure(self, batch: list[Feature]) -> None:
         """One vectorised spatial join per micro-batch."""
         geoms = split_crossing(geometries_from_wkb([wkb for wkb, _ in batch]))
-        classes = self._class_ids(value for _, value in batch)
+        classes = self.tally.class_ids(value for _, value in batch)
         self.features += len(geoms)
         if self.ft.geometry is GeometryKind.POINT:
             feature_idx, region_idx = self._place_points(geoms)
@@ -556,12 +536,8 @@ class RegionMetrics:
             feature_idx, region_idx, amounts = self._clip(geoms)
         if len(feature_idx) == 0:
             return
-        n = len(self.regions)
         self.placed += len(np.unique(feature_idx))
-        self.count += np.bincount(region_idx, minlength=n)
-        if amounts is not None:
-            self.amount += np.bincount(region_idx, weights=amounts, minlength=n)
-        np.add.at(self.class_counts, (region_idx, classes[feature_idx]), 1)
+        self.tally.add(region_idx, classes[feature_idx], amounts)
 
     def _place_points(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each point in the first region (input order) that contains or touches it."""
@@ -656,14 +632,7 @@ class RegionsPass:
     @property
     def row_feature_sum(self) -> int:
         """Sum of ``feature_count`` over the region rows (a split feature counts per region)."""
-        return int(self.metrics.count.sum())
-
-    def _class_names(self) -> list[str]:
-        names = [""] * (self.metrics.max_classes + 1)
-        for value, idx in self.metrics.vocabulary.items():
-            names[idx] = value
-        names[-1] = OTHER_CLASS
-        return names
+        return int(self.metrics.tally.count.sum())
 
     def rows(self) -> Iterator[tuple[str, FeatureResult]]:
         """``(region_id, result)`` per region in input order, zero-feature regions included.
@@ -671,34 +640,10 @@ class RegionsPass:
         ``skipped_count`` is 0 in region rows: unbuildable objects have no location (the
         pass's total is :attr:`skipped_count`). Duration and peak memory are the pass's.
         """
-        m, kind, stats = self.metrics, self.feature_type.geometry, self.stats
-        names = self._class_names()
-        extra = {**stats.extra, **self.extra}
-        for j, region_id in enumerate(self.regions.ids):
-            count = int(m.count[j])
-            area = float(self.regions.area_km2[j])
-            row = m.class_counts[j]
-            nonzero = np.flatnonzero(row)
-            order = nonzero[np.lexsort((nonzero, -row[nonzero]))]
-            yield (
-                region_id,
-                FeatureResult(
-                    feature_type=self.feature_type.name,
-                    geometry_kind=kind.value,
-                    feature_count=count,
-                    length_km=float(m.amount[j]) / 1000 if kind is GeometryKind.LINE else None,
-                    area_km2=float(m.amount[j]) / 1e6 if kind is GeometryKind.AREA else None,
-                    skipped_count=0,
-                    class_counts={names[i]: int(row[i]) for i in order},
-                    region_area_km2=area,
-                    density_per_km2=count / area if area > 0 else None,
-                    objects_seen=stats.objects_seen,
-                    duration_s=stats.duration_s,
-                    peak_memory_mb=stats.peak_memory_mb,
-                    node_index=stats.node_index,
-                    extra=extra,
-                ),
-            )
+        areas = [float(a) for a in self.regions.area_km2]
+        return self.metrics.tally.results(
+            self.regions.ids, areas, self.stats, skipped_in_rows=False, extra=self.extra
+        )
 
     def summary(self) -> dict[str, int]:
         """The XCom-sized totals of the pass."""
@@ -711,6 +656,47 @@ class RegionsPass:
         }
 
 
+def extract_regions_pass(
+    source: PbfSource,
+    feature_types: Sequence[FeatureType],
+    regions: Regions,
+    settings: MemsafeSettings | None = None,
+    *,
+    monitor: MemoryMonitor | None = None,
+) -> tuple[dict[str, RegionsPass], dict[str, BaseException]]:
+    """One read of ``source`` for all ``feature_types``, each split over ``regions``: each
+    type's pass, and the exception of each type whose sink failed (the others go on).
+
+    Same streaming core as the whole-file extract
+    (:func:`~airflow_memsafe.osm.stream.stream_types`); memory adds only the per-region
+    accumulators of each type (see the module docstring).
+    """
+    settings = settings or MemsafeSettings.resolve()
+    monitor = monitor or memory_monitor(settings)
+    sinks = {ft.name: RegionMetrics(regions, ft, settings.max_classes) for ft in feature_types}
+    jobs = [TypeJob(ft, sinks[ft.name]) for ft in feature_types]
+    run = stream_types(source, jobs, settings, monitor)
+    passes: dict[str, RegionsPass] = {}
+    for ft in feature_types:
+        if ft.name in run.errors:
+            continue
+        metrics = sinks[ft.name]
+        extra: dict[str, Any] = {
+            "regions": len(regions),
+            "outside": metrics.features - metrics.placed,
+        }
+        if metrics.clip_failures:
+            log.warning(
+                "%s: %d feature/region pairs could not be clipped (invalid geometry) and were "
+                "left out",
+                ft.name,
+                metrics.clip_failures,
+            )
+            extra["clip_failures"] = metrics.clip_failures
+        passes[ft.name] = RegionsPass(ft, regions, metrics, run.stats[ft.name], extra)
+    return passes, run.errors
+
+
 def extract_regions(
     source: PbfSource,
     feature_type: FeatureType,
@@ -719,27 +705,13 @@ def extract_regions(
     *,
     monitor: MemoryMonitor | None = None,
 ) -> RegionsPass:
-    """Read ``source`` once for ``feature_type`` and split its metrics over ``regions``.
-
-    Same reader, filters, micro-batches and memory guard as
-    :func:`airflow_memsafe.osm.extract.extract_feature_type`; memory adds only the
-    per-region accumulators (see the module docstring).
-    """
-    settings = settings or MemsafeSettings.resolve()
-    monitor = monitor or memory_monitor(settings)
-    metrics = RegionMetrics(regions, feature_type, settings.max_classes)
-    stats = stream_feature_type(
-        source, feature_type, settings, monitor, metrics.measure, point_geometry=True
+    """Read ``source`` once for ``feature_type`` and split its metrics over ``regions``."""
+    passes, errors = extract_regions_pass(
+        source, [feature_type], regions, settings, monitor=monitor
     )
-    extra = {"regions": len(regions), "outside": metrics.features - metrics.placed}
-    if metrics.clip_failures:
-        log.warning(
-            "%s: %d feature/region pairs could not be clipped (invalid geometry) and were left out",
-            feature_type.name,
-            metrics.clip_failures,
-        )
-        extra["clip_failures"] = metrics.clip_failures
-    return RegionsPass(feature_type, regions, metrics, stats, extra)
+    if errors:
+        raise errors[feature_type.name]
+    return passes[feature_type.name]
 
 
 def extract_regions_types(
@@ -747,15 +719,25 @@ def extract_regions_types(
     feature_types: Iterable[FeatureType],
     regions: Regions,
     settings: MemsafeSettings | None = None,
+    *,
+    single_pass: bool = False,
 ) -> Iterator[RegionsPass]:
-    """Types strictly one after another over all ``regions``, memory released in between.
+    """Types strictly one after another over all ``regions``, memory released in between —
+    or, with ``single_pass``, all from one read (a failing type raises after the others).
 
     A generator: the caller handles (writes) each pass before the next type is read.
     """
     settings = settings or MemsafeSettings.resolve()
     source = path if isinstance(path, PbfSource) else open_pbf(path)
     monitor = memory_monitor(settings)
-    for ft in feature_types:
+    types = list(feature_types)
+    if single_pass:
+        passes, errors = extract_regions_pass(source, types, regions, settings, monitor=monitor)
+        yield from (passes[ft.name] for ft in types if ft.name in passes)
+        if errors:
+            raise next(iter(errors.values()))
+        return
+    for ft in types:
         try:
             yield extract_regions(source, ft, regions, settings, monitor=monitor)
         finally:

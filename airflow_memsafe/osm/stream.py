@@ -1,0 +1,560 @@
+"""The one streaming core: one read of a PBF serves every requested feature type.
+
+Data flows one way: PBF → libosmium's C++ filters → Python sees only objects carrying a
+requested key → dispatched by key into one micro-batch per type → each type's sink (one
+region or many). A per-type pass is this core with one type.
+
+When a type needs areas (area types; point types count areas too), the read has two passes,
+built here from pyosmium's parts because ``FileProcessor`` runs its area handler before its
+filters and so assembles every closed way of the file:
+
+1. **relations and ways** with a requested area key (C++ ``KeyFilter``): the area manager's
+   first pass keeps the candidate multipolygon/boundary relations; an ``IdTracker`` collects
+   the ids of the ways the assembler and the line types need — ways with a requested key and
+   the member ways of candidate relations.
+2. **nodes and ways**: node locations → the tracker's id filter (ways) → the area assembler
+   → key filters → Python. The assembler sees only candidates, never every closed way.
+
+Memory: the node-location index (in RAM or a temp file, see
+:func:`~airflow_memsafe.memory.budget.plan_feature_type`), the tracker's id set (bits per
+way id), the assembler's candidate relations, one micro-batch per type and the bounded
+reader queues. Nothing grows with the number of features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import osmium
+
+from airflow_memsafe.config import MemsafeSettings
+from airflow_memsafe.errors import InvalidPbfError, one_line
+from airflow_memsafe.features import FeatureType, GeometryKind
+from airflow_memsafe.memory import PeakRss
+from airflow_memsafe.memory.adaptive import PressureGuard
+from airflow_memsafe.memory.budget import plan_feature_type
+from airflow_memsafe.memory.monitor import MemoryMonitor
+from airflow_memsafe.osm.batching import MicroBatch
+from airflow_memsafe.osm.integrity import (
+    FIRST_ID,
+    OrderCheck,
+    PbfFacts,
+    check_node,
+    check_way_nodes,
+    corrupt,
+    pbf_facts,
+    reading_error,
+    scan_uncompressed_blocks,
+)
+from airflow_memsafe.osm.progress import PassProgress
+from airflow_memsafe.osm.scratch import node_index_dir
+from airflow_memsafe.osm.source import PbfSource, pbf_file
+from airflow_memsafe.osm.tally import NO_WKB, Feature, StreamStats
+
+__all__ = ["PassResult", "Sink", "TypeJob", "stream_types"]
+
+log = logging.getLogger(__name__)
+
+_RELATION_AREA_TYPES = ("multipolygon", "boundary")
+_NODE, _WAY, _RELATION = 0, 1, 2
+#: Objects between memory checks when batches fill slowly (points, sparse types).
+_CHECK_EVERY = 4096
+#: libosmium's "undefined" coordinate (``Location()``), also the padding of index files.
+_UNDEFINED = 2**31 - 1
+#: One entry of a ``sparse_file_array`` node index file: node id and fixed-point location.
+_INDEX_ENTRY = np.dtype([("id", "<u8"), ("x", "<i4"), ("y", "<i4")])
+
+
+class Sink(Protocol):
+    """Where one type's micro-batches go (:class:`~airflow_memsafe.osm.tally.WholeFileSink`,
+    :class:`~airflow_memsafe.osm.regions.RegionMetrics`)."""
+
+    #: Point types: hand nodes as point WKB and areas as multipolygon WKB (else ``NO_WKB``).
+    point_geometry: bool
+
+    def measure(self, batch: list[Feature]) -> None: ...
+
+
+@dataclass
+class TypeJob:
+    """One feature type in a pass: its sink and what the pass saw of it."""
+
+    feature_type: FeatureType
+    sink: Sink
+    seen: int = 0
+    skipped: int = 0
+    relation_candidates: int = 0
+    relation_members: int = 0
+    relation_areas: int = 0
+    error: BaseException | None = None
+    batch: MicroBatch[Feature] = field(init=False)
+
+    @property
+    def count_only(self) -> bool:
+        return self.feature_type.geometry is GeometryKind.POINT and not self.sink.point_geometry
+
+
+@dataclass
+class PassResult:
+    """Per type: its stats, or the exception its sink raised (the others are unaffected)."""
+
+    stats: dict[str, StreamStats]
+    errors: dict[str, BaseException]
+    #: (min_lon, min_lat, max_lon, max_lat) of every node location, when asked for.
+    extent: tuple[float, float, float, float] | None
+    node_index: str
+    assembled_areas: int
+
+
+class _Batches:
+    """All types' micro-batches seen as one by the pressure guard: one size, one flush."""
+
+    def __init__(self, batches: Sequence[MicroBatch[Feature]], size: int) -> None:
+        self._batches = batches
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size = value
+        for batch in self._batches:
+            batch.size = value
+
+    def flush(self) -> None:
+        for batch in self._batches:
+            batch.flush()
+
+
+@contextlib.contextmanager
+def _node_locations(kind: str, settings: MemsafeSettings) -> Iterator[tuple[Any, Path | None]]:
+    """(location table, its index file or None); a file-backed table lives in a temp dir
+    removed on exit."""
+    if kind != "sparse_file_array":
+        table = osmium.index.create_map(kind)
+        try:
+            yield table, None
+        finally:
+            del table
+        return
+    with node_index_dir(settings.index_dir) as tmp:  # also clears dirs of killed tasks
+        path = Path(tmp) / "nodes.idx"
+        table = osmium.index.create_map(f"sparse_file_array,{path}")
+        try:
+            yield table, path
+        finally:
+            del table  # unmap before the directory goes
+
+
+def _index_extent(path: Path) -> tuple[float, float, float, float] | None:
+    """Bounding box of every location in a ``sparse_file_array`` index file, read with
+    numpy (no Python per node). None when the file holds no location."""
+    entries = np.memmap(path, dtype=_INDEX_ENTRY, mode="r")
+    x, y = entries["x"], entries["y"]
+    valid = (entries["id"] != 0) & (x != _UNDEFINED) & (y != _UNDEFINED)
+    if not valid.any():
+        return None
+    xs, ys = x[valid], y[valid]
+    return (
+        float(xs.min()) / 1e7,
+        float(ys.min()) / 1e7,
+        float(xs.max()) / 1e7,
+        float(ys.max()) / 1e7,
+    )
+
+
+def _python_extent(path: Path) -> tuple[float, float, float, float] | None:
+    """Bounding box of every node location, read in Python (one object per node: slow on
+    big files). Only when the node index was forced into memory, so no index file exists."""
+    log.warning(
+        "%s has no header bbox and the node index is in memory: reading every node "
+        "once in Python for the density area (node_index='auto' avoids this)",
+        path,
+    )
+    lon0 = lat0 = float("inf")
+    lon1 = lat1 = float("-inf")
+    for node in osmium.FileProcessor(pbf_file(path), osmium.osm.NODE):
+        loc = node.location  # type: ignore[union-attr]  # NODE only: always a Node
+        if loc.valid():
+            lon0, lon1 = min(lon0, loc.lon), max(lon1, loc.lon)
+            lat0, lat1 = min(lat0, loc.lat), max(lat1, loc.lat)
+    return None if lon0 > lon1 else (lon0, lat0, lon1, lat1)
+
+
+def _configure_reader_queues(settings: MemsafeSettings) -> None:
+    # libosmium reads these when a Reader is constructed (DESIGN.md, measured facts).
+    os.environ["OSMIUM_MAX_OSMDATA_QUEUE_SIZE"] = str(settings.osmdata_queue_size)
+    os.environ["OSMIUM_MAX_INPUT_QUEUE_SIZE"] = str(settings.input_queue_size)
+
+
+def _tag(tags: Any, key: str) -> str | None:
+    """The value of tag ``key`` (None if absent). A value that is not valid UTF-8 (possible
+    in a PBF, never from the OSM API) is read with U+FFFD for the bad bytes instead of
+    failing the whole pass: pyosmium raises on decoding it, and the error holds the bytes."""
+    try:
+        return tags.get(key)
+    except UnicodeDecodeError as exc:
+        return bytes(exc.object).decode("utf-8", "replace")
+
+
+def _by_key(jobs: Sequence[TypeJob]) -> dict[str, list[TypeJob]]:
+    out: dict[str, list[TypeJob]] = {}
+    for job in jobs:
+        out.setdefault(job.feature_type.key, []).append(job)
+    return out
+
+
+class _Dispatch:
+    """Hands each object Python sees to the types whose key it carries."""
+
+    def __init__(self, jobs: Sequence[TypeJob], facts: PbfFacts, names: str) -> None:
+        self.facts, self.names = facts, names
+        self.lines = _by_key([j for j in jobs if j.feature_type.geometry is GeometryKind.LINE])
+        self.areas = _by_key([j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE])
+        self.points = _by_key([j for j in jobs if j.feature_type.geometry is GeometryKind.POINT])
+        self.wkb = osmium.geom.WKBFactory()
+        self.relation_areas = 0
+
+    def _give(self, job: TypeJob, item: Feature | None) -> None:
+        if job.error is not None:
+            return
+        job.seen += 1
+        if item is None:
+            job.skipped += 1
+        else:
+            job.batch.append(item)
+
+    def way(self, way: Any) -> None:
+        tags = way.tags
+        geom: str | None = None
+        built = False
+        for key, jobs in self.lines.items():
+            value = _tag(tags, key)
+            if value is None:
+                continue
+            for job in jobs:
+                if not job.feature_type.matches_value(value):
+                    continue
+                if not built:
+                    built = True
+                    try:
+                        geom = self.wkb.create_linestring(way)
+                    except (osmium.InvalidLocationError, RuntimeError):
+                        check_way_nodes(way, self.facts, self.names)  # corrupt: raises
+                        geom = None  # node outside the extract, or < 2 distinct points
+                self._give(job, None if geom is None else (geom, value))
+
+    def node(self, node: Any) -> None:
+        tags = node.tags
+        valid = node.location.valid()
+        if not valid:
+            check_node(node, self.facts, self.names)  # present, impossible: raises
+        for key, jobs in self.points.items():
+            value = _tag(tags, key)
+            if value is None:
+                continue
+            for job in jobs:
+                if not job.feature_type.matches_value(value):
+                    continue
+                if not valid:  # a deleted node of a history file
+                    self._give(job, None)
+                elif job.count_only:
+                    self._give(job, (NO_WKB, value))
+                else:
+                    try:
+                        self._give(job, (self.wkb.create_point(node), value))
+                    except RuntimeError:
+                        self._give(job, None)
+
+    def area(self, area: Any) -> None:
+        tags = area.tags
+        from_way = area.from_way()
+        multipolygon: str | None = None
+        built = False
+        for key, jobs in self.areas.items():
+            value = _tag(tags, key)
+            if value is None:
+                continue
+            for job in jobs:
+                if not job.feature_type.matches_value(value):
+                    continue
+                if not from_way:
+                    job.relation_areas += 1
+                if job.count_only:
+                    self._give(job, (NO_WKB, value) if area.num_rings()[0] > 0 else None)
+                    continue
+                if not built:
+                    built = True
+                    try:
+                        multipolygon = self.wkb.create_multipolygon(area)
+                    except RuntimeError:  # no rings: broken or clipped
+                        multipolygon = None
+                    except osmium.InvalidLocationError:
+                        kind = "way" if from_way else "relation"
+                        raise corrupt(
+                            self.facts.path,
+                            f"the area of {kind} {area.orig_id()} has a node with an "
+                            "impossible location",
+                            self.names,
+                        ) from None
+                self._give(job, None if multipolygon is None else (multipolygon, value))
+
+
+def _check_order(order: OrderCheck, kind: int, stage: int, prev: int, oid: int) -> int:
+    """Slow path of the loops' order check: a type change, or ``oid <= prev``."""
+    if stage > kind:
+        order.enter(kind, oid, stage)
+    elif oid <= prev:
+        order.ids(kind, prev, oid)
+    return max(stage, kind)
+
+
+def _first_pass(
+    source: PbfSource,
+    jobs: Sequence[TypeJob],
+    manager: Any,
+    tracker: Any,
+    line_keys: list[str],
+    order: OrderCheck,
+) -> None:
+    """Relations (area candidates) into the area manager; ids of the ways pass 2 needs into
+    the tracker. Python sees only ways and relations with a requested key."""
+    area_jobs = _by_key([j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE])
+    keys = [*area_jobs, *line_keys]
+    relation_type = osmium.filter.TagFilter(*(("type", t) for t in _RELATION_AREA_TYPES))
+    relation_type.enable_for(osmium.osm.RELATION)
+    relation_keys = osmium.filter.KeyFilter(*area_jobs)
+    relation_keys.enable_for(osmium.osm.RELATION)
+    with osmium.io.Reader(pbf_file(source.path), osmium.osm.WAY | osmium.osm.RELATION) as rd:
+        # The iterator holds raw pointers to its handlers: keep them referenced here.
+        chain = [
+            osmium.filter.KeyFilter(*keys),
+            relation_type,
+            relation_keys,
+            manager.first_pass_handler(),
+        ]
+        it = osmium.OsmFileIterator(rd, *chain)
+        relation_t = osmium.osm.Relation
+        stage, last_way, last_rel = _WAY, FIRST_ID, FIRST_ID
+        for obj in it:
+            oid = obj.id
+            if not isinstance(obj, relation_t):
+                if oid <= last_way or stage != _WAY:
+                    stage = _check_order(order, _WAY, stage, last_way, oid)
+                last_way = oid
+                tracker.add_way(oid)
+                continue
+            if oid <= last_rel or stage != _RELATION:
+                stage = _check_order(order, _RELATION, stage, last_rel, oid)
+            last_rel = oid
+            tracker.add_references(obj)
+            tags = obj.tags
+            for key, key_jobs in area_jobs.items():
+                value = _tag(tags, key)
+                for job in key_jobs:
+                    if job.feature_type.matches_value(value):
+                        job.relation_candidates += 1
+                        job.relation_members += len(obj.members)
+
+
+def _second_pass_filters(jobs: Sequence[TypeJob]) -> list[Any]:
+    """Key filters after the assembler: ways with a requested key (line and area keys:
+    yielding area ways drains the assembler's buffer), nodes with a point key."""
+    way_keys = sorted({j.feature_type.key for j in jobs})
+    point_keys = sorted(
+        {j.feature_type.key for j in jobs if j.feature_type.geometry is GeometryKind.POINT}
+    )
+    ways = osmium.filter.KeyFilter(*way_keys)
+    ways.enable_for(osmium.osm.WAY)
+    if not point_keys:
+        return [ways, osmium.filter.EntityFilter(osmium.osm.WAY)]
+    nodes = osmium.filter.KeyFilter(*point_keys)
+    nodes.enable_for(osmium.osm.NODE)
+    return [ways, nodes]
+
+
+def stream_types(
+    source: PbfSource,
+    jobs: Sequence[TypeJob],
+    settings: MemsafeSettings,
+    monitor: MemoryMonitor,
+    *,
+    extent: bool = False,
+) -> PassResult:
+    """Read ``source`` once for all ``jobs`` and feed each type's sink in micro-batches.
+
+    Lines come as linestring WKB, areas as multipolygon WKB; point features as ``NO_WKB``
+    unless the sink wants ``point_geometry`` (nodes as point WKB, areas as multipolygons).
+    Objects whose geometry cannot be built are counted in ``skipped_count``; relations that
+    never become areas (members missing from a clipped extract) too.
+
+    A sink that raises fails its type only (in :attr:`PassResult.errors`); the others go on.
+    The monitor is sampled between micro-batches and every ``_CHECK_EVERY`` objects: batch
+    sizes adapt to pressure and the pass stops with :class:`MemoryBudgetExceeded` past the
+    hard line. The circuit breaker refuses impossible work before reading. Raises
+    :class:`InvalidPbfError` when the file turns out corrupt or truncated.
+
+    ``extent``: also compute the bounding box of every node location (the density area of a
+    PBF without a header bbox), from the file-backed node index with numpy — no Python pass
+    over the nodes; the index is then file-backed whatever the file size.
+    Progress lines go to the log every ``progress_interval_s`` (and to a terminal bar, see
+    :mod:`airflow_memsafe.osm.progress`).
+    """
+    _configure_reader_queues(settings)
+    names = ", ".join(j.feature_type.name for j in jobs)
+    before = monitor.sample()
+    plan = plan_feature_type(
+        source.size_bytes,
+        names,
+        settings,
+        limit_mb=before.limit_mb,
+        baseline_mb=before.working_set_mb,
+    )
+    index_kind = (
+        "sparse_file_array" if extent and settings.node_index == "auto" else plan.node_index
+    )
+    monitor.reset_peak()
+    peak = PeakRss()
+    started = time.perf_counter()
+
+    batches = []
+    for job in jobs:
+        job.batch = MicroBatch(_measure(job, lambda: guard.check()), settings.batch_size)
+        batches.append(job.batch)
+    group = _Batches(batches, settings.batch_size)
+    guard = PressureGuard(
+        monitor,
+        group,  # type: ignore[arg-type]  # the guard needs .size and .flush() only
+        feature_type=names,
+        floor=min(settings.min_batch_size, settings.batch_size),
+        ceiling=settings.batch_size,
+    )
+    # Integrity (osm/integrity.py): the ids of the objects Python sees must follow the
+    # file's order (one compare per object), nodes present need a possible location, and
+    # the nodes of every uncompressed block are scanned once per file (numpy).
+    facts = pbf_facts(source.path)
+    scan_uncompressed_blocks(facts)
+    order = OrderCheck(facts, names)
+    dispatch = _Dispatch(jobs, facts, names)
+    needs_areas = bool(dispatch.areas)
+    seen = 0
+    box: tuple[float, float, float, float] | None = None
+    assembled = 0
+    progress = PassProgress(
+        source.path,
+        size_bytes=source.size_bytes,
+        label=names,
+        interval_s=settings.progress_interval_s,
+        memory=monitor,
+    ).start()
+    try:
+        with _node_locations(index_kind, settings) as (locations, index_file):
+            handlers: list[Any] = []
+            located = osmium.NodeLocationsForWays(locations)
+            located.ignore_errors()
+            handlers.append(located)
+            buffer: Any = None
+            if needs_areas:
+                manager = osmium.area.AreaManager()
+                tracker = osmium.IdTracker()
+                _first_pass(source, jobs, manager, tracker, list(dispatch.lines), order)
+                ids = tracker.id_filter()
+                ids.enable_for(osmium.osm.WAY)
+                buffer = osmium.BufferIterator()
+                handlers += [ids, manager.second_pass_to_buffer(buffer)]
+            handlers += _second_pass_filters(jobs)
+            entities = osmium.osm.NODE | osmium.osm.WAY
+            way_t = osmium.osm.Way
+            stage, last_node, last_way = _NODE, FIRST_ID, FIRST_ID
+            with osmium.io.Reader(pbf_file(source.path), entities) as reader:
+                for obj in osmium.OsmFileIterator(reader, *handlers):
+                    seen += 1
+                    if not seen % _CHECK_EVERY:
+                        guard.check()
+                        progress.update(seen, sum(j.seen for j in jobs))
+                    oid = obj.id
+                    if isinstance(obj, way_t):
+                        if oid <= last_way or stage != _WAY:
+                            stage = _check_order(order, _WAY, stage, last_way, oid)
+                        last_way = oid
+                        dispatch.way(obj)
+                    else:
+                        if oid <= last_node or stage:
+                            stage = _check_order(order, _NODE, stage, last_node, oid)
+                        last_node = oid
+                        dispatch.node(obj)
+                    if buffer:
+                        for area in buffer:
+                            assembled += 1
+                            dispatch.area(area)
+            if buffer:
+                for area in buffer:
+                    assembled += 1
+                    dispatch.area(area)
+            group.flush()
+            if extent:
+                box = _index_extent(index_file) if index_file else _python_extent(source.path)
+    except (RuntimeError, UnicodeDecodeError, osmium.InvalidLocationError) as exc:
+        # libosmium's out_of_order_error (area passes) first; see errors.one_line
+        raise reading_error(exc, facts, names) or InvalidPbfError(
+            f"cannot read {source.path} while extracting {names}: {one_line(exc)}"
+        ) from None
+    progress.finish(objects_seen=seen, features=sum(j.seen for j in jobs))
+    duration = time.perf_counter() - started
+    extra = {
+        "working_set_before_mb": round(before.working_set_mb, 1),
+        "working_set_peak_mb": round(monitor.peak_working_set_mb, 1),
+        "limit_mb": round(before.limit_mb, 1),
+        "smallest_batch_size": guard.smallest_batch,
+        "batch_adjustments": guard.adjustments,
+        "estimated_peak_mb": round(plan.estimated_peak_mb, 1),
+        "types_in_pass": len(jobs),
+        "assembled_areas": assembled,
+    }
+    stats: dict[str, StreamStats] = {}
+    errors: dict[str, BaseException] = {}
+    peak_mb = peak.peak_mb()
+    for job in jobs:
+        if job.error is not None:
+            errors[job.feature_type.name] = job.error
+            continue
+        # Relations whose members are missing from a clipped extract never become areas.
+        skipped = job.skipped + max(0, job.relation_candidates - job.relation_areas)
+        stats[job.feature_type.name] = StreamStats(
+            objects_seen=job.seen,
+            skipped_count=skipped,
+            duration_s=duration,
+            peak_memory_mb=peak_mb,
+            node_index=index_kind,
+            extra={
+                **extra,
+                "relation_candidates": job.relation_candidates,
+                "relation_members": job.relation_members,
+            },
+        )
+    return PassResult(stats, errors, box, index_kind, assembled)
+
+
+def _measure(job: TypeJob, check: Callable[[], object]) -> Callable[[list[Feature]], None]:
+    """The batch sink of one type: a failing sink fails its type only."""
+
+    def measure(features: list[Feature]) -> None:
+        if job.error is None:
+            try:
+                job.sink.measure(features)
+            except Exception as exc:  # one type's failure must not stop the others
+                job.error = exc
+                log.error("%s failed in the pass: %s", job.feature_type.name, one_line(exc))
+        check()
+
+    return measure
