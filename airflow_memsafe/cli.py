@@ -13,6 +13,7 @@ from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.errors import MemsafeError
 from airflow_memsafe.features import resolve_feature_types
 from airflow_memsafe.osm.extract import FeatureResult, extract_feature_types
+from airflow_memsafe.osm.progress import terminal_bar
 from airflow_memsafe.storage.identifiers import validate_region_id
 
 __all__ = ["main"]
@@ -46,11 +47,13 @@ def _parser() -> argparse.ArgumentParser:
         help="node-location index (default: auto by file size vs budget)",
     )
     ext.add_argument("--json", action="store_true", help="print a JSON list, one object per type")
+    ext.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal)")
 
     tile = sub.add_parser("tile", help="write a bigger PBF by repeating SRC shifted in longitude")
     tile.add_argument("src", help="source PBF")
     tile.add_argument("out", help="output PBF")
     tile.add_argument("--copies", type=int, required=True, help="number of copies (>= 1)")
+    tile.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal)")
     _export_parser(sub)
     _update_parser(sub)
     return parser
@@ -176,10 +179,12 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _tile(args: argparse.Namespace) -> int:
+    from airflow_memsafe.osm.progress import PassProgress
     from airflow_memsafe.osm.tile import tile_pbf
 
-    report = tile_pbf(args.src, args.out, args.copies)
-    print(report)
+    interval_s = MemsafeSettings.resolve().progress_interval_s
+    progress = PassProgress(label="tile", unit="objects written", interval_s=interval_s)
+    print(tile_pbf(args.src, args.out, args.copies, progress=progress))  # a readable summary
     return 0
 
 
@@ -224,17 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``airflow-memsafe`` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "export":
-            return _export(args)
-        if args.command == "update":
-            return _update(args)
-        if args.command == "extract":
-            return _extract(args)
-        return _tile(args)
-    except (MemsafeError, ValueError, OSError) as exc:
-        print(f"airflow-memsafe: error: {exc}", file=sys.stderr)
-        return 2
+    # A progress bar on a terminal for every pass started inside (none when piped, --quiet).
+    with terminal_bar(quiet=getattr(args, "quiet", False)):
+        try:
+            if args.command == "export":
+                return _export(args)
+            if args.command == "update":
+                return _update(args)
+            if args.command == "extract":
+                return _extract(args)
+            return _tile(args)
+        except (MemsafeError, ValueError, OSError) as exc:
+            print(f"airflow-memsafe: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

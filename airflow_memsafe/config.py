@@ -57,6 +57,8 @@ class MemsafeSettings:
     max_classes: int = 200
     #: Run gc.collect() and malloc_trim(0) between feature types.
     force_gc: bool = True
+    #: Seconds between progress lines in the log while a pass runs (% read, objects/s, ETA).
+    progress_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -72,6 +74,8 @@ class MemsafeSettings:
             )
         if self.sample_interval_s <= 0:
             raise ValueError("sample_interval_s must be > 0")
+        if self.progress_interval_s <= 0:
+            raise ValueError("progress_interval_s must be > 0")
         for name in ("spill_threshold_mb", "max_input_mb"):
             value = getattr(self, name)
             if value is not None and value < 0:

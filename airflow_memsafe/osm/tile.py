@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from airflow_memsafe.errors import InvalidPbfError
+from airflow_memsafe.osm.progress import PassProgress
 from airflow_memsafe.osm.source import open_pbf
 
 __all__ = ["TileReport", "tile_pbf"]
@@ -990,6 +991,30 @@ class TileReport:
         """Output MiB per second of wall time."""
         return self.bytes_written / 2**20 / self.duration_s if self.duration_s > 0 else 0.0
 
+    def __str__(self) -> str:
+        """A readable summary (what ``airflow-memsafe tile`` prints)."""
+        counts = ", ".join(f"{n:,} {kind}" for kind, n in self.source_counts.items())
+        missing = ", ".join(f"{n:,} {kind}" for kind, n in self.missing_refs.items())
+        bbox = (
+            "none"
+            if self.bbox is None
+            else "lon {:.7f} .. {:.7f}, lat {:.7f} .. {:.7f}".format(
+                *self.bbox[::2], *self.bbox[1::2]
+            )
+        )
+        return "\n".join(
+            [
+                f"wrote {self.out}: {self.bytes_written / 2**20:,.1f} MB, "
+                f"{self.objects_written:,} objects in {self.duration_s:.1f} s "
+                f"({self.mb_per_s:.1f} MB/s)",
+                f"  {self.copies} copies of {self.src} ({counts} each), "
+                f"{self.lon_step_deg:.7f}° apart in longitude, first shifted "
+                f"{self.first_shift_deg:+.7f}°",
+                f"  header bbox: {bbox}",
+                f"  references missing from the source, kept missing: {missing}",
+            ]
+        )
+
 
 def _choose_shifts(
     lon_range: tuple[int, int] | None, copies: int, lon_step_deg: float | None
@@ -1027,6 +1052,7 @@ def tile_pbf(
     lon_step_deg: float | None = None,
     compression_level: int = 6,
     workers: int | None = None,
+    progress: PassProgress | None = None,
 ) -> TileReport:
     """Write ``copies`` longitude-shifted, densely renumbered copies of ``src`` to ``out``.
 
@@ -1047,6 +1073,9 @@ def tile_pbf(
     blocks (~1.2× their uncompressed size; in memory up to 32 MiB, beyond that in a
     temporary file next to ``out``) + 2 × ``workers`` blocks in flight. Independent of
     ``copies`` and of the output size: tiling Monaco ×2 or ×200 peaks at ~35 MB anon.
+
+    ``progress`` (a :class:`PassProgress` with a count ``unit``) is started with the number
+    of objects to write and updated after every block.
     """
     from google.protobuf.message import DecodeError
 
@@ -1076,6 +1105,8 @@ def tile_pbf(
     bbox = _out_bbox(source, first_shift, first_shift + (copies - 1) * step)
     header = _out_header(source.header, bbox, src_p.name, copies)
     index_bytes = sum(a.nbytes for a in source.ids) + sum(a.nbytes for a in source.missing)
+    if progress is not None:
+        progress.start(total=sum(spans) * copies)
 
     workers = workers or min(_MAX_WORKERS, len(os.sched_getaffinity(0)))
     tmp = out_p.with_name(out_p.name + ".part")
@@ -1102,11 +1133,15 @@ def tile_pbf(
                         for plan in spool:
                             emit(plan.render(k), "OSMData")
                             objects += plan.count
+                            if progress is not None:
+                                progress.update(objects_seen=objects)
                 finally:
                     spool.close()
             while pending:
                 written += fh.write(pending.popleft().result())
         tmp.replace(out_p)
+        if progress is not None:
+            progress.finish(objects_seen=objects)
     except BaseException:
         for fut in pending:
             fut.cancel()
