@@ -40,6 +40,8 @@ test-all: $(STAMP)
 bench-memory: $(STAMP)
 	$(BIN)/python benchmarks/memory_scaling.py
 
+# Speed (issue 13 targets), ~25 min; needs root, osmium-tool, and for the osm2pgsql row the
+# Debian packages osm2pgsql + postgresql-15-postgis-3 (benchmarks/README.md).
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
 
