@@ -9,14 +9,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def load_example_dag(name: str = "osm_region_features") -> Any:
-    """Import ``dags/<name>.py`` the way a DAG processor would and return its ``dag``."""
+def load_example_dag(name: str = "osm_region_features", attr: str = "dag") -> Any:
+    """Import ``dags/<name>.py`` the way a DAG processor would and return its ``dag`` (or
+    the DAG named by ``attr``)."""
     path = REPO / "dags" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"memsafe_test_dag_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.dag
+    return getattr(module, attr)
 
 
 def register_dag(dag: Any) -> None:

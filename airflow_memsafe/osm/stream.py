@@ -71,6 +71,8 @@ _CHECK_EVERY = 4096
 _UNDEFINED = 2**31 - 1
 #: One entry of a ``sparse_file_array`` node index file: node id and fixed-point location.
 _INDEX_ENTRY = np.dtype([("id", "<u8"), ("x", "<i4"), ("y", "<i4")])
+#: Index entries read at once for the extent (16 B each: 16 MB mapped per chunk).
+_EXTENT_CHUNK = 1 << 20
 
 
 class Sink(Protocol):
@@ -158,19 +160,24 @@ def _node_locations(kind: str, settings: MemsafeSettings) -> Iterator[tuple[Any,
 
 def _index_extent(path: Path) -> tuple[float, float, float, float] | None:
     """Bounding box of every location in a ``sparse_file_array`` index file, read with
-    numpy (no Python per node). None when the file holds no location."""
+    numpy (no Python per node), ``_EXTENT_CHUNK`` entries at a time: ~20 MB of temporary
+    arrays whatever the file size (the mapped file itself is page cache). None when the
+    file holds no location."""
     entries = np.memmap(path, dtype=_INDEX_ENTRY, mode="r")
-    x, y = entries["x"], entries["y"]
-    valid = (entries["id"] != 0) & (x != _UNDEFINED) & (y != _UNDEFINED)
-    if not valid.any():
+    lo = [_UNDEFINED, _UNDEFINED]
+    hi = [-_UNDEFINED, -_UNDEFINED]
+    for start in range(0, len(entries), _EXTENT_CHUNK):
+        chunk = entries[start : start + _EXTENT_CHUNK]
+        x, y = chunk["x"], chunk["y"]
+        valid = (chunk["id"] != 0) & (x != _UNDEFINED) & (y != _UNDEFINED)
+        if valid.any():
+            xs, ys = x[valid], y[valid]
+            lo = [min(lo[0], int(xs.min())), min(lo[1], int(ys.min()))]
+            hi = [max(hi[0], int(xs.max())), max(hi[1], int(ys.max()))]
+    del entries
+    if lo[0] > hi[0]:
         return None
-    xs, ys = x[valid], y[valid]
-    return (
-        float(xs.min()) / 1e7,
-        float(ys.min()) / 1e7,
-        float(xs.max()) / 1e7,
-        float(ys.max()) / 1e7,
-    )
+    return lo[0] / 1e7, lo[1] / 1e7, hi[0] / 1e7, hi[1] / 1e7
 
 
 def _python_extent(path: Path) -> tuple[float, float, float, float] | None:

@@ -47,7 +47,7 @@ def test_single_pass_example_dag_equals_the_per_type_dag(
     pg_server: PgServer, facts_conn_id: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MEMSAFE_FACTS_SCHEMA", pg_schema)
-    single = load_example_dag("osm_region_features_single_pass")
+    single = load_example_dag("osm_region_features", "single_pass_dag")
     per_type = load_example_dag("osm_region_features")
     conf = {"conn_id": facts_conn_id}
     run, states = run_dag(single, {**conf, "snapshot": "2024-06-01"})

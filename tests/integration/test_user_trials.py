@@ -65,20 +65,25 @@ def default_facts(
 
 
 @pytest.mark.parametrize(
-    ("dag_name", "regions"), [("osm_region_features", 1), ("osm_many_regions", 9)]
+    ("dag_name", "attr", "regions", "tasks"),
+    [
+        ("osm_region_features", "dag", 1, 9),
+        ("osm_region_features", "single_pass_dag", 1, 2),
+        ("osm_many_regions", "dag", 9, 9),
+    ],
 )
 def test_example_dag_triggered_like_the_ui_button(
-    dag_name: str, regions: int, default_facts: str, pg_server: PgServer
+    dag_name: str, attr: str, regions: int, tasks: int, default_facts: str, pg_server: PgServer
 ) -> None:
     # The Trigger button: no logical date, no conf. Every default must work as shipped.
-    dag = load_example_dag(dag_name)
+    dag = load_example_dag(dag_name, attr)
     assert (
         "site-packages" in dag.params["pbf_path"] or "airflow_memsafe" in (dag.params["pbf_path"])
     ), "the default PBF must be the sample shipped in the package"
     dag_run, states = run_dag(dag, logical_date=None)
     assert dag_run.logical_date is None
     assert set(states.values()) == {"success"}, states
-    assert len(states) == 9
+    assert len(states) == tasks
     snapshot = dag_run.run_after.astimezone(dt.UTC).date().isoformat()
     rows = _rows(pg_server, default_facts)
     assert len(rows) == 8 * regions
