@@ -25,6 +25,7 @@ __all__ = [
     "OsmFactsExportOperator",
     "OsmFeatureExtractOperator",
     "OsmRegionsExtractOperator",
+    "OsmReplicationUpdateOperator",
     "RegionRowsLandedSensor",
     "__version__",
     "register_feature_type",
@@ -36,12 +37,14 @@ _LAZY = {
     "OsmRegionsExtractOperator": "airflow_memsafe.operators.regions",
     "RegionRowsLandedSensor": "airflow_memsafe.sensors.region_rows",
     "OsmFactsExportOperator": "airflow_memsafe.operators.export",
+    "OsmReplicationUpdateOperator": "airflow_memsafe.operators.update",
 }
 
 if TYPE_CHECKING:
     from airflow_memsafe.operators.export import OsmFactsExportOperator
     from airflow_memsafe.operators.extract import OsmFeatureExtractOperator
     from airflow_memsafe.operators.regions import OsmRegionsExtractOperator
+    from airflow_memsafe.operators.update import OsmReplicationUpdateOperator
     from airflow_memsafe.sensors.region_rows import RegionRowsLandedSensor
     from airflow_memsafe.sensors.rows_landed import FeatureRowsLandedSensor
 

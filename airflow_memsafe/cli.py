@@ -56,7 +56,27 @@ def _parser() -> argparse.ArgumentParser:
     tile.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal)")
     _export_parser(sub)
     _update_parser(sub)
+    _report_parser(sub)
     return parser
+
+
+def _report_parser(sub: Any) -> None:
+    rep = sub.add_parser(
+        "report",
+        help="PNG pictures + an HTML page: a region's metrics over snapshots and a run's memory",
+    )
+    rep.add_argument("--region-id", required=True, help="region whose snapshots to draw")
+    rep.add_argument("--out-dir", default="report", help="where trends.png, memory.png and "
+                     "report.html go (default: ./report)")  # fmt: skip
+    rep.add_argument("--dag-id", help="memory picture: a run of this DAG (default: any)")
+    rep.add_argument("--run-id", help="memory picture: this run (default: the newest)")
+    rep.add_argument("--schema", default="public", help="schema of the tables")
+    rep.add_argument(
+        "--fact-table", default="fact_geo_region_features", help="name of the fact table"
+    )
+    db = rep.add_mutually_exclusive_group(required=True)
+    db.add_argument("--dsn", help="libpq connection string or postgresql:// URI")
+    db.add_argument("--conn-id", help="Airflow connection id (uses PostgresHook)")
 
 
 def _update_parser(sub: Any) -> None:
@@ -188,21 +208,51 @@ def _tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace) -> Any:
+    """An autocommit connection from ``--conn-id`` (an Airflow connection) or ``--dsn``."""
+    import psycopg
+
+    if args.conn_id:
+        from airflow_memsafe.hooks import connect_facts_db
+
+        return connect_facts_db(args.conn_id)
+    try:
+        return psycopg.connect(args.dsn, autocommit=True)
+    except psycopg.Error as exc:
+        # Not the DSN itself in the message: it may hold a password.
+        raise ValueError(f"cannot connect with --dsn: {str(exc).strip()}") from None
+
+
+def _report(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from airflow_memsafe.report import write_report
+
+    conn = _connect(args)
+    try:
+        files = write_report(
+            conn,
+            args.out_dir,
+            args.region_id,
+            schema=args.schema,
+            table=args.fact_table,
+            dag_id=args.dag_id,
+            run_id=args.run_id,
+        )
+    except psycopg.Error as exc:
+        raise ValueError(f"report failed: {str(exc).strip().splitlines()[0]}") from None
+    finally:
+        conn.close()
+    print(files.summary())
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     import psycopg
 
     from airflow_memsafe.storage.export import export_table
 
-    if args.conn_id:
-        from airflow_memsafe.hooks import connect_facts_db
-
-        conn = connect_facts_db(args.conn_id)
-    else:
-        try:
-            conn = psycopg.connect(args.dsn)
-        except psycopg.Error as exc:
-            # Not the DSN itself in the message: it may hold a password.
-            raise ValueError(f"cannot connect with --dsn: {str(exc).strip()}") from None
+    conn = _connect(args)
     try:
         report = export_table(
             conn,
@@ -236,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _export(args)
             if args.command == "update":
                 return _update(args)
+            if args.command == "report":
+                return _report(args)
             if args.command == "extract":
                 return _extract(args)
             return _tile(args)

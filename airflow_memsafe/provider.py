@@ -33,6 +33,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_memsafe.operators.extract",
                     "airflow_memsafe.operators.regions",
                     "airflow_memsafe.operators.export",
+                    "airflow_memsafe.operators.update",
                 ],
             }
         ],
