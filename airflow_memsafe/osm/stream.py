@@ -484,7 +484,12 @@ def stream_types(
             way_t = osmium.osm.Way
             stage, last_node, last_way = _NODE, FIRST_ID, FIRST_ID
             with osmium.io.Reader(pbf_file(source.path), entities) as reader:
-                for obj in osmium.OsmFileIterator(reader, *handlers):
+                objects: Iterator[Any] = osmium.OsmFileIterator(reader, *handlers)
+                if len(jobs) == 1 and jobs[0].feature_type.geometry is GeometryKind.LINE:
+                    # Only ways with the key arrive: the hot path without per-object dispatch.
+                    seen = _line_loop(objects, jobs[0], dispatch, order, guard, progress)
+                    objects = iter(())
+                for obj in objects:
                     seen += 1
                     if not seen % _CHECK_EVERY:
                         guard.check()
@@ -550,6 +555,53 @@ def stream_types(
             },
         )
     return PassResult(stats, errors, box, index_kind, assembled)
+
+
+def _line_loop(
+    objects: Any,
+    job: TypeJob,
+    dispatch: _Dispatch,
+    order: OrderCheck,
+    guard: PressureGuard,
+    progress: PassProgress,
+) -> int:
+    """The loop of a pass for one line type: linestring WKB + class value per way, about a
+    third cheaper per way than the general loop (no dispatch, bound methods); returns the
+    objects seen. Integrity: one id compare per way; a way's node locations are looked at
+    only when its geometry fails."""
+    make_line = dispatch.wkb.create_linestring
+    bad_geometry = (osmium.InvalidLocationError, RuntimeError)
+    ft, append = job.feature_type, job.batch.append
+    key, values = ft.key, ft.values
+    facts, names = dispatch.facts, dispatch.names
+    seen = matched = skipped = 0
+    last = FIRST_ID
+    for way in objects:
+        seen += 1
+        if not seen % _CHECK_EVERY:
+            guard.check()
+            progress.update(seen, matched)
+        wid = way.id
+        if wid <= last:
+            order.ids(_WAY, last, wid)
+        last = wid
+        try:
+            value = way.tags.get(key)
+        except UnicodeDecodeError:
+            value = _tag(way.tags, key)
+        if value is None or (values is not None and value not in values):
+            continue
+        matched += 1
+        try:
+            geom = make_line(way)
+        except bad_geometry:  # node outside the extract, or < 2 distinct points
+            check_way_nodes(way, facts, names)  # ... or a corrupt location: raises
+            skipped += 1
+            continue
+        append((geom, value))
+    job.seen += matched
+    job.skipped += skipped
+    return seen
 
 
 def _measure(job: TypeJob, check: Callable[[], object]) -> Callable[[list[Feature]], None]:
