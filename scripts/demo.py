@@ -27,15 +27,19 @@ def main(argv: list[str]) -> int:
     import psycopg
 
     reprocess = "--reprocess" in argv
+    # --state-dir DIR: the database and the Airflow home there instead of the repo (tests).
+    state = Path(argv[argv.index("--state-dir") + 1]) if "--state-dir" in argv else None
+    pgdata = state / "pgdata" if state else REPO / ".pgdata"
+    home = state / "airflow" if state else REPO / ".airflow"
     snapshot = dt.datetime.now(dt.UTC).date().isoformat()
     started = dt.datetime.now(dt.UTC)
-    server = pgserver.get_server(REPO / ".pgdata", cleanup_mode="stop")
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
     try:
-        socket_dir = str(REPO / ".pgdata")
+        socket_dir = str(pgdata)
         conn_json = postgres_conn_json(
             {"host": socket_dir, "login": "postgres", "schema": "postgres"}
         )
-        env = airflow_env(AIRFLOW_CONN_OSM_FACTS=conn_json)
+        env = airflow_env(home, AIRFLOW_CONN_OSM_FACTS=conn_json)
         print("Preparing the Airflow metadata database (first run only) ...", flush=True)
         migrate(env)
         conf = json.dumps({"region_id": REGION, "snapshot": snapshot, "reprocess": reprocess})
@@ -46,7 +50,7 @@ def main(argv: list[str]) -> int:
             capture_output=True,
             text=True,
         )
-        log_path = REPO / ".airflow" / "demo-last-run.log"
+        log_path = home / "demo-last-run.log"
         log_path.write_text(run.stdout + run.stderr)
         if run.returncode != 0:
             print(run.stdout[-4000:], run.stderr[-4000:], sep="\n")
