@@ -204,6 +204,13 @@ def test_report_writes_pngs_and_an_html_page(
                  refreshed["schema"], "--out-dir", str(tmp_path / "again")]) == 0  # fmt: skip
     assert run.run_id in (tmp_path / "again" / "report.html").read_text()
     # A region without rows: a one-line error.
+    if os.environ.get("MEMSAFE_KEEP_REPORT"):  # scripts/report_pictures.py: docs/ pictures
+        import shutil
+
+        keep = Path(os.environ["MEMSAFE_KEEP_REPORT"])
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in (trends, memory, page):
+            shutil.copy(f, keep / f.name)
     assert main(["report", "--region-id", "nowhere", "--dsn", dsn, "--schema",
                  refreshed["schema"], "--out-dir", str(tmp_path / "none")]) == 2  # fmt: skip
 
