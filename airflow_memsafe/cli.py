@@ -105,6 +105,8 @@ def _update_parser(sub: Any) -> None:
 def _update(args: argparse.Namespace) -> int:
     from airflow_memsafe.osm.replication import update_pbf
 
+    # urllib3 logs each retry; the one-line error after the last one says it all.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     result = update_pbf(args.pbf, args.server, size_mb=args.size_mb)
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -220,7 +220,7 @@ class _Server:
         except requests.RequestException as exc:
             reason = exc.__class__.__name__
             detail = str(exc.args[0]) if exc.args else ""
-            inner = re.search(r"\] ([^')]+)|Errno -?\d+\] ([^')]+)", detail)
+            inner = re.search(r"\] ([^')\"]+)|Errno -?\d+\] ([^')\"]+)", detail)
             if inner:
                 reason = next(g for g in inner.groups() if g)
             raise ReplicationServerUnreachable(
