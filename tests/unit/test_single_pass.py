@@ -106,9 +106,7 @@ def test_many_regions_single_pass_equals_per_type_and_adds_up(tmp_path: Path) ->
     whole = _metrics(extract_feature_types(MONACO, ALL, single_pass=True))
     for name in per_type:
         for region_id in per_type[name]:
-            _assert_same(
-                _metrics([per_type[name][region_id]]), _metrics([single[name][region_id]])
-            )
+            _assert_same(_metrics([per_type[name][region_id]]), _metrics([single[name][region_id]]))
         rows = single[name].values()
         for metric in ("length_km", "area_km2"):
             if whole[name][metric] is not None:  # the grid covers the bbox: a partition
