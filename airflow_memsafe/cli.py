@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "flex_mem", "sparse_mem_array", "sparse_file_array"),
         help="node-location index (default: auto by file size vs budget)",
     )
+    ext.add_argument(
+        "--single-pass",
+        action="store_true",
+        help="read the PBF once for all types (default: one read per type, memory released "
+        "between types)",
+    )
     ext.add_argument("--json", action="store_true", help="print a JSON list, one object per type")
     ext.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal)")
 
@@ -150,7 +156,9 @@ def _results(
     """(region id, result) per type, or per type and region with ``--regions``."""
     if not args.regions:
         region_id = validate_region_id(args.region_id or "region")
-        for result in extract_feature_types(args.pbf, types, settings, boundary_path=args.boundary):
+        for result in extract_feature_types(
+            args.pbf, types, settings, boundary_path=args.boundary, single_pass=args.single_pass
+        ):
             yield region_id, result
         return
     if args.region_id or args.boundary:
@@ -161,7 +169,9 @@ def _results(
     from airflow_memsafe.osm.regions import extract_regions_types, load_regions
 
     regions = load_regions(args.regions, id_property=args.regions_id_property)
-    for regions_pass in extract_regions_types(args.pbf, types, regions, settings):
+    for regions_pass in extract_regions_types(
+        args.pbf, types, regions, settings, single_pass=args.single_pass
+    ):
         yield from regions_pass.rows()
 
 

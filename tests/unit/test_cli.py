@@ -77,3 +77,24 @@ def test_errors_are_one_line(args: list[str], message: str) -> None:
     assert message in run.stderr
     assert "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_single_pass_cli_gives_the_per_type_json() -> None:
+    def run(*extra: str) -> list[dict]:
+        out = subprocess.run(
+            [CLI, "extract", str(MONACO), "--json", "--quiet", *extra],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [
+            {k: r[k] for k in ("feature_type", "feature_count", "length_km", "area_km2")}
+            for r in json.loads(out)
+        ]
+
+    per_type, single = run(), run("--single-pass")
+    assert [r["feature_type"] for r in single] == [r["feature_type"] for r in per_type]
+    for a, b in zip(per_type, single, strict=True):
+        assert a["feature_count"] == b["feature_count"]
+        for key in ("length_km", "area_km2"):
+            assert (a[key] is None and b[key] is None) or abs(a[key] - b[key]) <= 1e-9 * a[key]
