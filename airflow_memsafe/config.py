@@ -57,10 +57,6 @@ class MemsafeSettings:
     max_classes: int = 200
     #: Run gc.collect() and malloc_trim(0) between feature types.
     force_gc: bool = True
-    #: Estimated relation store (MB) the area assembler may hold at once: more candidate
-    #: multipolygon/boundary relations are assembled in groups, one read per extra group.
-    #: None: the smaller of 64 MB and a quarter of the headroom below the hard line.
-    relation_budget_mb: float | None = None
     #: Seconds between progress lines in the log while a pass runs (% read, objects/s, ETA).
     progress_interval_s: float = 10.0
 
@@ -80,8 +76,6 @@ class MemsafeSettings:
             raise ValueError("sample_interval_s must be > 0")
         if self.progress_interval_s <= 0:
             raise ValueError("progress_interval_s must be > 0")
-        if self.relation_budget_mb is not None and self.relation_budget_mb <= 0:
-            raise ValueError(f"relation_budget_mb must be > 0, not {self.relation_budget_mb}")
         for name in ("spill_threshold_mb", "max_input_mb"):
             value = getattr(self, name)
             if value is not None and value < 0:

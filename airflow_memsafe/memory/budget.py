@@ -11,22 +11,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.errors import PermanentError
 from airflow_memsafe.memory.monitor import MemoryBudgetExceeded
 
-__all__ = [
-    "BudgetPlan",
-    "InputTooLargeError",
-    "RelationPlan",
-    "plan_feature_type",
-    "plan_relation_groups",
-    "relation_budget_mb",
-]
+__all__ = ["BudgetPlan", "InputTooLargeError", "plan_feature_type"]
 
 #: In-memory node index cost per byte of PBF, measured: 954 MB PBF → 2.1 GB RSS.
 INDEX_RAM_PER_PBF_BYTE = 2.3
@@ -40,14 +30,6 @@ STREAMING_OVERHEAD_MB = 120.0
 #: index at 240 MB, at the same speed. Bigger in-memory indexes break "baseline + 150 MB".
 DEFAULT_SPILL_CAP_MB = 32.0
 _IN_MEMORY_INDEXES = ("flex_mem", "sparse_mem_array")
-#: libosmium's relation store (area assembler), measured (DESIGN.md): per member, per relation.
-RELATION_STORE_BYTES_PER_MEMBER = 85
-RELATION_STORE_BYTES_PER_RELATION = 512
-#: Default relation budget (``relation_budget_mb`` unset): the smaller of this and a quarter
-#: of the headroom between the estimated peak and the hard line.
-DEFAULT_RELATION_BUDGET_CAP_MB = 64.0
-#: ... but never less than this (the hard line still stops a pass that really crosses it).
-MIN_DEFAULT_RELATION_BUDGET_MB = 8.0
 
 
 class InputTooLargeError(PermanentError):
@@ -134,77 +116,3 @@ def plan_feature_type(
                 f"{directory}, only {free_mb:.0f} MB free; set index_dir to a bigger disk"
             )
     return BudgetPlan(kind, limit_mb, baseline_mb, index_ram, index_disk, estimate)
-
-
-def relation_budget_mb(settings: MemsafeSettings, plan: BudgetPlan) -> float:
-    """The relation store one assembly may hold: ``relation_budget_mb``, or by default the
-    smaller of 64 MB and a quarter of the headroom (hard line − estimated peak), at least
-    8 MB."""
-    if settings.relation_budget_mb is not None:
-        return float(settings.relation_budget_mb)
-    headroom = plan.limit_mb * settings.hard_limit_pct / 100 - plan.estimated_peak_mb
-    return max(MIN_DEFAULT_RELATION_BUDGET_MB, min(DEFAULT_RELATION_BUDGET_CAP_MB, headroom / 4))
-
-
-def relation_store_bytes(member_counts: np.ndarray) -> np.ndarray:
-    """Estimated bytes the assembler's relation store holds per relation."""
-    return (
-        member_counts.astype(np.int64) * RELATION_STORE_BYTES_PER_MEMBER
-        + RELATION_STORE_BYTES_PER_RELATION
-    )
-
-
-@dataclass(frozen=True)
-class RelationPlan:
-    """The area assembly in groups: ``groups[k]`` are row numbers of the relations assembled
-    together (file order), each group's estimated store within ``budget_mb``."""
-
-    budget_mb: float
-    estimated_mb: float
-    groups: list[np.ndarray]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "relation_groups": len(self.groups),
-            "relation_budget_mb": float(f"{self.budget_mb:.4g}"),
-            "relation_store_estimated_mb": float(f"{self.estimated_mb:.4g}"),
-            "relations_per_group": [len(g) for g in self.groups],
-        }
-
-
-def plan_relation_groups(
-    relation_ids: np.ndarray,
-    member_counts: np.ndarray,
-    budget_mb: float,
-    feature_type: str,
-    *,
-    split: bool = True,
-) -> RelationPlan:
-    """Split relations (in file order) into consecutive groups whose estimated store fits
-    ``budget_mb``: one group when all fit (or when ``split`` is False: relations that cannot
-    be told apart by id, see :mod:`airflow_memsafe.osm.relations`).
-
-    Raises :class:`MemoryBudgetExceeded` when a single relation does not fit the budget on
-    its own, naming it and its member count."""
-    sizes = relation_store_bytes(member_counts)
-    budget = budget_mb * 2**20
-    total_mb = float(sizes.sum()) / 2**20
-    if len(sizes) and sizes.max() > budget:
-        i = int(np.argmax(sizes))
-        raise MemoryBudgetExceeded(
-            f"{feature_type}: refused before the area passes — relation {int(relation_ids[i])} "
-            f"has {int(member_counts[i])} members, an estimated relation store of "
-            f"{sizes[i] / 2**20:.1f} MB, more than relation_budget_mb={budget_mb:g} even alone "
-            "in its group; raise relation_budget_mb (and the worker's memory limit)"
-        )
-    if float(sizes.sum()) <= budget or not split:
-        return RelationPlan(budget_mb, total_mb, [np.arange(len(sizes))])
-    groups: list[np.ndarray] = []
-    start, used = 0, 0
-    for i, size in enumerate(sizes.tolist()):
-        if used + size > budget:
-            groups.append(np.arange(start, i))
-            start, used = i, 0
-        used += size
-    groups.append(np.arange(start, len(sizes)))
-    return RelationPlan(budget_mb, total_mb, groups)

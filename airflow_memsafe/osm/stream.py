@@ -8,40 +8,26 @@ When a type needs areas (area types; point types count areas too), the read has 
 built here from pyosmium's parts because ``FileProcessor`` runs its area handler before its
 filters and so assembles every closed way of the file:
 
-0. **relations first** (:mod:`airflow_memsafe.osm.relations`): a relations-only read finds
-   the candidate multipolygon/boundary relations (numpy arrays of ids and member way ids)
-   and, when there are any, a ways read through a C++ ``IdFilter`` learns which member ways
-   exist. Relations with a member missing from the file never reach the assembler (they
-   stay in ``skipped_count``); the complete ones are split into groups whose estimated
-   relation store fits ``relation_budget_mb``
-   (:func:`~airflow_memsafe.memory.budget.plan_relation_groups`, which also refuses a
-   relation too big alone).
 1. **relations and ways** with a requested area key (C++ ``KeyFilter``): the area manager's
-   first pass keeps the candidate relations of the first group (C++ ``IdFilter``); an
-   ``IdTracker`` collects the ids of the ways the assembler and the line types need — ways
-   with a requested key and the member ways of those relations.
+   first pass keeps the candidate multipolygon/boundary relations; an ``IdTracker`` collects
+   the ids of the ways the assembler and the line types need — ways with a requested key and
+   the member ways of candidate relations.
 2. **nodes and ways**: node locations → the tracker's id filter (ways) → the area assembler
    → key filters → Python. The assembler sees only candidates, never every closed way.
-3. **each later group** (only when the relations do not fit the budget at once): its
-   relations into a fresh area manager, then only its member ways (located in the node
-   index pass 2 filled; no node read) through the assembler; only relation areas are
-   dispatched.
 
 Memory: the node-location index (in RAM or a temp file, see
 :func:`~airflow_memsafe.memory.budget.plan_feature_type`), the tracker's id set (bits per
-way id), the assembler's candidate relations (complete ones, one group at a time: bounded
-by ``relation_budget_mb``), 8 B per candidate relation and member id, one micro-batch per
-type and the bounded reader queues. Nothing grows with the number of features.
+way id), the assembler's candidate relations, one micro-batch per type and the bounded
+reader queues. Nothing grows with the number of features.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,11 +40,7 @@ from airflow_memsafe.errors import InvalidPbfError, one_line
 from airflow_memsafe.features import FeatureType, GeometryKind
 from airflow_memsafe.memory import PeakRss
 from airflow_memsafe.memory.adaptive import PressureGuard
-from airflow_memsafe.memory.budget import (
-    plan_feature_type,
-    plan_relation_groups,
-    relation_budget_mb,
-)
+from airflow_memsafe.memory.budget import plan_feature_type
 from airflow_memsafe.memory.monitor import MemoryMonitor
 from airflow_memsafe.osm.batching import MicroBatch
 from airflow_memsafe.osm.integrity import (
@@ -73,11 +55,6 @@ from airflow_memsafe.osm.integrity import (
     scan_uncompressed_blocks,
 )
 from airflow_memsafe.osm.progress import PassProgress
-from airflow_memsafe.osm.relations import (
-    RELATION_AREA_TYPES,
-    RelationCandidates,
-    read_relation_candidates,
-)
 from airflow_memsafe.osm.scratch import node_index_dir
 from airflow_memsafe.osm.source import PbfSource, pbf_file
 from airflow_memsafe.osm.tally import NO_WKB, Feature, StreamStats
@@ -86,6 +63,7 @@ __all__ = ["PassResult", "Sink", "TypeJob", "stream_types"]
 
 log = logging.getLogger(__name__)
 
+_RELATION_AREA_TYPES = ("multipolygon", "boundary")
 _NODE, _WAY, _RELATION = 0, 1, 2
 #: Objects between memory checks when batches fill slowly (points, sparse types).
 _CHECK_EVERY = 4096
@@ -355,24 +333,23 @@ def _first_pass(
     tracker: Any,
     line_keys: list[str],
     order: OrderCheck,
-    relations: Any = None,
 ) -> None:
     """Relations (area candidates) into the area manager; ids of the ways pass 2 needs into
-    the tracker. Python sees only ways and relations with a requested key. ``relations``: a
-    C++ ``IdFilter`` of the relations to assemble (complete candidates of the first group),
-    placed before the area manager; None: every candidate."""
+    the tracker. Python sees only ways and relations with a requested key."""
     area_jobs = _by_key([j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE])
     keys = [*area_jobs, *line_keys]
-    relation_type = osmium.filter.TagFilter(*(("type", t) for t in RELATION_AREA_TYPES))
+    relation_type = osmium.filter.TagFilter(*(("type", t) for t in _RELATION_AREA_TYPES))
     relation_type.enable_for(osmium.osm.RELATION)
     relation_keys = osmium.filter.KeyFilter(*area_jobs)
     relation_keys.enable_for(osmium.osm.RELATION)
     with osmium.io.Reader(pbf_file(source.path), osmium.osm.WAY | osmium.osm.RELATION) as rd:
         # The iterator holds raw pointers to its handlers: keep them referenced here.
-        chain = [osmium.filter.KeyFilter(*keys), relation_type, relation_keys]
-        if relations is not None:
-            chain.append(relations)
-        chain.append(manager.first_pass_handler())
+        chain = [
+            osmium.filter.KeyFilter(*keys),
+            relation_type,
+            relation_keys,
+            manager.first_pass_handler(),
+        ]
         it = osmium.OsmFileIterator(rd, *chain)
         relation_t = osmium.osm.Relation
         stage, last_way, last_rel = _WAY, FIRST_ID, FIRST_ID
@@ -388,65 +365,13 @@ def _first_pass(
                 stage = _check_order(order, _RELATION, stage, last_rel, oid)
             last_rel = oid
             tracker.add_references(obj)
-
-
-def _relation_counter(jobs: Sequence[TypeJob]) -> Callable[[Any], None]:
-    """Counts each candidate relation (complete or not) for the area types it belongs to."""
-    area_jobs = _by_key([j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE])
-
-    def count(rel: Any) -> None:
-        tags = rel.tags
-        members = len(rel.members)
-        for key, key_jobs in area_jobs.items():
-            value = _tag(tags, key)
-            for job in key_jobs:
-                if job.feature_type.matches_value(value):
-                    job.relation_candidates += 1
-                    job.relation_members += members
-
-    return count
-
-
-def _relation_group(
-    source: PbfSource,
-    locations: Any,
-    candidates: RelationCandidates,
-    rows: np.ndarray,
-    dispatch: _Dispatch,
-    guard: PressureGuard,
-) -> tuple[int, int]:
-    """The area assembly of one later group: its relations into a fresh area manager, then
-    only their member ways (located from the node index the first group filled: no node
-    read) through the assembler; only relation areas are dispatched (the first group built
-    the closed-way areas and the line and point types). Returns (assembled, relation areas
-    handed to the types)."""
-    manager = osmium.area.AreaManager()
-    relations = osmium.filter.IdFilter(candidates.ids[rows])
-    relations.enable_for(osmium.osm.RELATION)
-    with osmium.io.Reader(pbf_file(source.path), osmium.osm.RELATION) as rd:
-        chain = [relations, manager.first_pass_handler()]
-        for _ in osmium.OsmFileIterator(rd, *chain):
-            pass
-    ways = osmium.filter.IdFilter(candidates.ways_of(rows))
-    ways.enable_for(osmium.osm.WAY)
-    located = osmium.NodeLocationsForWays(locations)
-    located.ignore_errors()
-    buffer = osmium.BufferIterator()
-    assembled = handed = seen = 0
-    with osmium.io.Reader(pbf_file(source.path), osmium.osm.WAY) as rd:
-        handlers = [ways, located, manager.second_pass_to_buffer(buffer)]
-        objects = osmium.OsmFileIterator(rd, *handlers)
-        areas: Iterable[Any] = buffer
-        for _ in itertools.chain(objects, (None,)):
-            seen += 1
-            if not seen % _CHECK_EVERY:
-                guard.check()
-            for area in areas:
-                assembled += 1
-                if not area.from_way():
-                    handed += 1
-                    dispatch.area(area)
-    return assembled, handed
+            tags = obj.tags
+            for key, key_jobs in area_jobs.items():
+                value = _tag(tags, key)
+                for job in key_jobs:
+                    if job.feature_type.matches_value(value):
+                        job.relation_candidates += 1
+                        job.relation_members += len(obj.members)
 
 
 def _second_pass_filters(jobs: Sequence[TypeJob]) -> list[Any]:
@@ -530,7 +455,6 @@ def stream_types(
     dispatch = _Dispatch(jobs, facts, names)
     needs_areas = bool(dispatch.areas)
     seen = 0
-    relation_extra: dict[str, Any] = {}
     box: tuple[float, float, float, float] | None = None
     assembled = 0
     progress = PassProgress(
@@ -547,53 +471,10 @@ def stream_types(
             located.ignore_errors()
             handlers.append(located)
             buffer: Any = None
-            candidates: RelationCandidates | None = None
-            groups: list[np.ndarray] = []
             if needs_areas:
-                # Candidate relations, and which of them can be built (relations.py).
-                candidates = read_relation_candidates(
-                    source.path, list(dispatch.areas), _relation_counter(jobs)
-                )
-                complete = np.flatnonzero(candidates.complete)
-                relation_plan = plan_relation_groups(
-                    candidates.ids[complete],
-                    candidates.member_counts[complete],
-                    relation_budget_mb(settings, plan),
-                    names,
-                    split=candidates.filterable,
-                )
-                groups = [complete[g] for g in relation_plan.groups]
-                relation_extra = {
-                    "relations_candidates": len(candidates.ids),
-                    "relations_incomplete": candidates.incomplete,
-                    "relations_assembled": len(complete),
-                    "relation_prepass_reads": candidates.reads,
-                    "relation_prepass_s": round(candidates.seconds, 3),
-                    **relation_plan.describe(),
-                }
-                if len(groups) > 1 or candidates.incomplete:
-                    log.info(
-                        "%s: %d candidate relations, %d incomplete (never assembled); "
-                        "%d to assemble in %d group(s) of %s relations, estimated store "
-                        "%.1f MB, budget %.1f MB",
-                        names,
-                        len(candidates.ids),
-                        candidates.incomplete,
-                        len(complete),
-                        len(groups),
-                        relation_extra["relations_per_group"],
-                        relation_plan.estimated_mb,
-                        relation_plan.budget_mb,
-                    )
-                first_group = None
-                if len(candidates.ids) and candidates.filterable:
-                    first_group = osmium.filter.IdFilter(candidates.ids[groups[0]])
-                    first_group.enable_for(osmium.osm.RELATION)
                 manager = osmium.area.AreaManager()
                 tracker = osmium.IdTracker()
-                _first_pass(
-                    source, jobs, manager, tracker, list(dispatch.lines), order, first_group
-                )
+                _first_pass(source, jobs, manager, tracker, list(dispatch.lines), order)
                 ids = tracker.id_filter()
                 ids.enable_for(osmium.osm.WAY)
                 buffer = osmium.BufferIterator()
@@ -632,10 +513,6 @@ def stream_types(
                 for area in buffer:
                     assembled += 1
                     dispatch.area(area)
-            if candidates is not None:
-                for rows in groups[1:]:  # later groups: their relations only
-                    done, _ = _relation_group(source, locations, candidates, rows, dispatch, guard)
-                    assembled += done
             group.flush()
             if extent:
                 box = _index_extent(index_file) if index_file else _python_extent(source.path)
@@ -655,7 +532,6 @@ def stream_types(
         "estimated_peak_mb": round(plan.estimated_peak_mb, 1),
         "types_in_pass": len(jobs),
         "assembled_areas": assembled,
-        **relation_extra,
     }
     stats: dict[str, StreamStats] = {}
     errors: dict[str, BaseException] = {}
