@@ -58,6 +58,7 @@ from airflow_memsafe.memory.harness import (  # noqa: E402
     cgroup_available,
     run_in_memory_cgroup,
 )
+from airflow_memsafe.storage.identifiers import snapshot_of  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MONACO = REPO / "data" / "monaco-2023.osm.pbf"
@@ -413,7 +414,9 @@ def measure_ours(
     limit_mb: int,
     timeout_s: float | None,
 ) -> Measurement:
-    region_id, snapshot = f"bench_x{copies}", f"s{uuid.uuid4().hex[:10]}"
+    # A fresh snapshot per run (a valid one: a UTC date-time down to the microsecond).
+    region_id = f"bench_x{copies}"
+    snapshot = snapshot_of(dt.datetime.now(dt.UTC))
     run = runner.ours(pbf, limit_mb, timeout_s, region_id, snapshot)
     measurement = _measure("ours", copies, pbf, run)
     rows = runner.pg.fact_rows(region_id, snapshot)

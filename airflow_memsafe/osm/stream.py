@@ -8,17 +8,19 @@ When a type needs areas (area types; point types count areas too), the read has 
 built here from pyosmium's parts because ``FileProcessor`` runs its area handler before its
 filters and so assembles every closed way of the file:
 
-1. **relations and ways** with a requested area key (C++ ``KeyFilter``): the area manager's
-   first pass keeps the candidate multipolygon/boundary relations; an ``IdTracker`` collects
-   the ids of the ways the assembler and the line types need — ways with a requested key and
-   the member ways of candidate relations.
-2. **nodes and ways**: node locations → the tracker's id filter (ways) → the area assembler
-   → key filters → Python. The assembler sees only candidates, never every closed way.
+1. **relations** of type multipolygon/boundary with a requested area key (C++ filters):
+   the area manager's first pass keeps these candidates (and counts them per type).
+2. **nodes and ways**: node locations → (no candidate relation: a C++ ``KeyFilter`` of the
+   requested keys, so the assembler sees only closed ways that can count) → the area
+   assembler → key filters → Python. With candidate relations every way reaches the
+   assembler, as in ``FileProcessor``: their member ways are mostly untagged, and a C++ id
+   set of them (``IdTracker``/``IdFilter``) costs ~145 MB on real OSM ids (libosmium's
+   dense id sets allocate per id range; measured on the Monaco sample).
 
 Memory: the node-location index (in RAM or a temp file, see
-:func:`~airflow_memsafe.memory.budget.plan_feature_type`), the tracker's id set (bits per
-way id), the assembler's candidate relations, one micro-batch per type and the bounded
-reader queues. Nothing grows with the number of features.
+:func:`~airflow_memsafe.memory.budget.plan_feature_type`), the assembler's candidate
+relations, one micro-batch per type and the bounded reader queues. Nothing grows with the
+number of features.
 """
 
 from __future__ import annotations
@@ -326,52 +328,34 @@ def _check_order(order: OrderCheck, kind: int, stage: int, prev: int, oid: int) 
     return max(stage, kind)
 
 
-def _first_pass(
-    source: PbfSource,
-    jobs: Sequence[TypeJob],
-    manager: Any,
-    tracker: Any,
-    line_keys: list[str],
-    order: OrderCheck,
-) -> None:
-    """Relations (area candidates) into the area manager; ids of the ways pass 2 needs into
-    the tracker. Python sees only ways and relations with a requested key."""
+def _first_pass(source: PbfSource, jobs: Sequence[TypeJob], manager: Any, order: OrderCheck) -> int:
+    """Candidate relations into the area manager, counted per type; returns their number.
+    Python sees only candidates (C++ filters)."""
     area_jobs = _by_key([j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE])
-    keys = [*area_jobs, *line_keys]
+    candidates = 0
     relation_type = osmium.filter.TagFilter(*(("type", t) for t in _RELATION_AREA_TYPES))
     relation_type.enable_for(osmium.osm.RELATION)
     relation_keys = osmium.filter.KeyFilter(*area_jobs)
     relation_keys.enable_for(osmium.osm.RELATION)
-    with osmium.io.Reader(pbf_file(source.path), osmium.osm.WAY | osmium.osm.RELATION) as rd:
+    with osmium.io.Reader(pbf_file(source.path), osmium.osm.RELATION) as rd:
         # The iterator holds raw pointers to its handlers: keep them referenced here.
-        chain = [
-            osmium.filter.KeyFilter(*keys),
-            relation_type,
-            relation_keys,
-            manager.first_pass_handler(),
-        ]
+        chain = [relation_type, relation_keys, manager.first_pass_handler()]
         it = osmium.OsmFileIterator(rd, *chain)
-        relation_t = osmium.osm.Relation
-        stage, last_way, last_rel = _WAY, FIRST_ID, FIRST_ID
+        stage, last_rel = _RELATION, FIRST_ID
         for obj in it:
             oid = obj.id
-            if not isinstance(obj, relation_t):
-                if oid <= last_way or stage != _WAY:
-                    stage = _check_order(order, _WAY, stage, last_way, oid)
-                last_way = oid
-                tracker.add_way(oid)
-                continue
-            if oid <= last_rel or stage != _RELATION:
+            if oid <= last_rel:
                 stage = _check_order(order, _RELATION, stage, last_rel, oid)
             last_rel = oid
-            tracker.add_references(obj)
+            candidates += 1
             tags = obj.tags
             for key, key_jobs in area_jobs.items():
                 value = _tag(tags, key)
                 for job in key_jobs:
                     if job.feature_type.matches_value(value):
                         job.relation_candidates += 1
-                        job.relation_members += len(obj.members)
+                        job.relation_members += len(obj.members)  # type: ignore[union-attr]
+    return candidates
 
 
 def _second_pass_filters(jobs: Sequence[TypeJob]) -> list[Any]:
@@ -473,12 +457,14 @@ def stream_types(
             buffer: Any = None
             if needs_areas:
                 manager = osmium.area.AreaManager()
-                tracker = osmium.IdTracker()
-                _first_pass(source, jobs, manager, tracker, list(dispatch.lines), order)
-                ids = tracker.id_filter()
-                ids.enable_for(osmium.osm.WAY)
+                if not _first_pass(source, jobs, manager, order):
+                    # No candidate relation: only closed ways with a requested key can
+                    # become areas that count; the assembler sees no other way.
+                    keyed = osmium.filter.KeyFilter(*sorted({j.feature_type.key for j in jobs}))
+                    keyed.enable_for(osmium.osm.WAY)
+                    handlers.append(keyed)
                 buffer = osmium.BufferIterator()
-                handlers += [ids, manager.second_pass_to_buffer(buffer)]
+                handlers.append(manager.second_pass_to_buffer(buffer))
             handlers += _second_pass_filters(jobs)
             entities = osmium.osm.NODE | osmium.osm.WAY
             way_t = osmium.osm.Way

@@ -140,14 +140,33 @@ def _closed_ways(path: Path) -> int:
     return sum(1 for w in osmium.FileProcessor(str(path), osmium.osm.WAY) if w.is_closed())
 
 
-def test_assembler_sees_only_candidates() -> None:
-    # FileProcessor-based passes assembled every closed way of the file; the core assembles
-    # only closed ways carrying a requested key and members of candidate relations.
-    [buildings] = extract_feature_types(MONACO, resolve_feature_types("buildings"))
-    assembled = buildings.extra["assembled_areas"]
-    assert buildings.feature_count <= assembled < _closed_ways(MONACO)
-    members = buildings.extra["relation_members"]  # closed tagged members build areas too
-    assert assembled <= buildings.feature_count + buildings.skipped_count + members
+NO_RELATIONS = """
+n1 v1 x0 y0
+n2 v1 x0.001 y0
+n3 v1 x0.001 y0.001
+n4 v1 x0 y0.001
+n5 v1 x1 y0
+n6 v1 x1.001 y0
+n7 v1 x1.001 y0.001
+n8 v1 x1 y0.001
+w1 v1 Tbuilding=yes Nn1,n2,n3,n4,n1
+w2 v1 Tbarrier=fence Nn5,n6,n7,n8,n5
+w3 v1 Tarea=yes,highway=pedestrian Nn5,n6,n7,n5
+"""
+
+
+def test_assembler_sees_only_keyed_closed_ways_without_candidate_relations(
+    tmp_path: Path,
+) -> None:
+    # FileProcessor assembled every closed way of the file in every area pass; without a
+    # candidate relation the core hands the assembler only closed ways with a requested key.
+    path = opl_to_pbf(NO_RELATIONS, tmp_path / "closed.osm.pbf")
+    [buildings] = extract_feature_types(path, resolve_feature_types("buildings"))
+    assert buildings.feature_count == 1
+    assert buildings.extra["assembled_areas"] == 1  # not the fence, not the pedestrian area
+    # With candidate relations (Monaco) every way reaches the assembler, as before.
+    [monaco] = extract_feature_types(MONACO, resolve_feature_types("buildings"))
+    assert monaco.feature_count <= monaco.extra["assembled_areas"] <= _closed_ways(MONACO)
 
 
 def _python_extent(path: Path) -> tuple[float, float, float, float]:
