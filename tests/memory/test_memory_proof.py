@@ -148,14 +148,14 @@ def test_all_8_types_through_airflow_stay_under_the_bare_task_plus_150_mb(
     bare = runner.bare(CI_LIMIT_MB)
     assert bare.ok and bare.peak_anon_mb, _describe("bare", bare) + _tails(bare)
 
-    run = runner.ours(ci_pbf, CI_LIMIT_MB, RUN_TIMEOUT_S, region, "proof")
+    run = runner.ours(ci_pbf, CI_LIMIT_MB, RUN_TIMEOUT_S, region, "2024-04-01")
     report = f"{_describe('bare Airflow task', bare)}\n{_describe('osm_region_features', run)}"
     print(report)
     record_property("memory_proof", report)
     assert run.returncode == 0 and not run.killed_by_oom, report + _tails(run)
     assert run.oom_kills == 0, report
 
-    rows = facts_pg.fact_rows(region, "proof")
+    rows = facts_pg.fact_rows(region, "2024-04-01")
     assert check_rows(rows, reference, CI_COPIES) == [], rows
 
     bound = bare.peak_anon_mb + BOUND_OVER_BASELINE_MB
