@@ -114,8 +114,6 @@ class PassResult:
     errors: dict[str, BaseException]
     #: (min_lon, min_lat, max_lon, max_lat) of every node location, when asked for.
     extent: tuple[float, float, float, float] | None
-    node_index: str
-    assembled_areas: int
 
 
 class _Batches:
@@ -232,7 +230,6 @@ class _Dispatch:
         self.areas = _by_key([j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE])
         self.points = _by_key([j for j in jobs if j.feature_type.geometry is GeometryKind.POINT])
         self.wkb = osmium.geom.WKBFactory()
-        self.relation_areas = 0
 
     def _give(self, job: TypeJob, item: Feature | None) -> None:
         if job.error is not None:
@@ -341,11 +338,11 @@ def _first_pass(source: PbfSource, jobs: Sequence[TypeJob], manager: Any, order:
         # The iterator holds raw pointers to its handlers: keep them referenced here.
         chain = [relation_type, relation_keys, manager.first_pass_handler()]
         it = osmium.OsmFileIterator(rd, *chain)
-        stage, last_rel = _RELATION, FIRST_ID
+        last_rel = FIRST_ID
         for obj in it:
             oid = obj.id
-            if oid <= last_rel:
-                stage = _check_order(order, _RELATION, stage, last_rel, oid)
+            if oid <= last_rel:  # only relations here: no type change to check
+                order.ids(_RELATION, last_rel, oid)
             last_rel = oid
             candidates += 1
             tags = obj.tags
@@ -540,7 +537,7 @@ def stream_types(
                 "relation_members": job.relation_members,
             },
         )
-    return PassResult(stats, errors, box, index_kind, assembled)
+    return PassResult(stats, errors, box)
 
 
 def _line_loop(
