@@ -10,6 +10,7 @@ __all__ = ["get_provider_info"]
 def get_provider_info() -> dict[str, Any]:
     """What ``airflow providers list`` / ``airflow providers get airflow-memsafe`` show."""
     from airflow_memsafe import __version__
+    from airflow_memsafe.config import provider_config
 
     return {
         "package-name": "airflow-memsafe",
@@ -52,32 +53,6 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_memsafe.triggers.rows_landed"],
             }
         ],
-        "config": {
-            "memsafe": {
-                "description": "Memory settings of airflow-memsafe operators.",
-                "options": {
-                    "batch_size": {
-                        "description": "Objects per micro-batch of geometry work.",
-                        "version_added": "0.1.0",
-                        "type": "integer",
-                        "example": "2000",
-                        "default": "2000",
-                    },
-                    "memory_limit_mb": {
-                        "description": "Worker memory limit; empty reads the cgroup limit.",
-                        "version_added": "0.1.0",
-                        "type": "integer",
-                        "example": "1024",
-                        "default": "",
-                    },
-                    "node_index": {
-                        "description": "auto, flex_mem, sparse_mem_array or sparse_file_array.",
-                        "version_added": "0.1.0",
-                        "type": "string",
-                        "example": "auto",
-                        "default": "auto",
-                    },
-                },
-            }
-        },
+        # Generated from the fields of MemsafeSettings (airflow_memsafe.config).
+        "config": provider_config(),
     }
