@@ -37,13 +37,14 @@ __all__ = [
     "parse_bool",
     "provider_config",
     "setting_specs",
+    "take_settings",
 ]
 
 #: Node-location index choices: ``auto`` (by file size vs budget) or an osmium index name.
 NODE_INDEXES = ("auto", "flex_mem", "sparse_mem_array", "sparse_file_array")
 
 _TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+_FALSE = ("0", "false", "no", "off", "", "none")  # "None": a rendered template of None
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _VERSION = "0.1.0"
 
@@ -351,9 +352,11 @@ def _spec(f: Field[Any], hint: Any) -> SettingSpec:
 
 def parse_bool(value: Any, name: str) -> bool:
     """A flag that may arrive as text (config, environment, a rendered template:
-    ``"True"``, ``"false"``, ``"1"``, ``"off"``)."""
+    ``"True"``, ``"false"``, ``"1"``, ``"off"``; empty, ``"None"`` and None are false)."""
     if isinstance(value, bool):
         return value
+    if value is None:
+        return False
     if isinstance(value, str):
         text = value.strip().lower()
         if text in _TRUE:
@@ -369,6 +372,30 @@ def coerce_setting(name: str, value: Any) -> Any:
         if spec.name == name:
             return spec.coerce(value)
     raise TypeError(f"unknown setting: {name}")
+
+
+def take_settings(
+    settings: MemsafeSettings | Mapping[str, Any] | None, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The settings an operator was given: ``settings`` (a mapping of setting names, or a
+    :class:`MemsafeSettings`: all its fields) updated with the keyword arguments named like a
+    setting, which are removed from ``kwargs``. Values are not checked here (templates)."""
+    names = [spec.name for spec in setting_specs()]
+    if isinstance(settings, MemsafeSettings):
+        given = {name: getattr(settings, name) for name in names}
+    elif isinstance(settings, Mapping):
+        given = dict(settings)
+    elif settings is None:
+        given = {}
+    else:
+        raise TypeError(f"settings must be a mapping or MemsafeSettings, not {settings!r}")
+    unknown = set(given) - set(names)
+    if unknown:
+        raise TypeError(
+            f"unknown setting(s): {', '.join(sorted(unknown))}; known: {', '.join(names)}"
+        )
+    given.update({name: kwargs.pop(name) for name in names if name in kwargs})
+    return given
 
 
 def provider_config() -> dict[str, Any]:

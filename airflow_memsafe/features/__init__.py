@@ -4,8 +4,10 @@ from airflow_memsafe.features.registry import (
     BUILTIN_FEATURE_TYPES,
     FeatureType,
     GeometryKind,
+    TypesModuleError,
     UnknownFeatureTypeError,
     known_feature_types,
+    load_types_module,
     register_feature_type,
     resolve_feature_types,
 )
@@ -14,8 +16,10 @@ __all__ = [
     "BUILTIN_FEATURE_TYPES",
     "FeatureType",
     "GeometryKind",
+    "TypesModuleError",
     "UnknownFeatureTypeError",
     "known_feature_types",
+    "load_types_module",
     "register_feature_type",
     "resolve_feature_types",
 ]

@@ -14,7 +14,10 @@ value of the key, e.g. ``highway=primary``).
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,8 +28,10 @@ __all__ = [
     "BUILTIN_FEATURE_TYPES",
     "FeatureType",
     "GeometryKind",
+    "TypesModuleError",
     "UnknownFeatureTypeError",
     "known_feature_types",
+    "load_types_module",
     "register_feature_type",
     "resolve_feature_types",
 ]
@@ -129,6 +134,26 @@ def register_feature_type(feature_type: FeatureType, *, replace: bool = False) -
         )
     _REGISTRY[feature_type.name] = feature_type
     return feature_type
+
+
+def load_types_module(name: str | None, *, from_cwd: bool = False) -> None:
+    """Import the user module ``name`` (a dotted name, setting ``types_module``) whose
+    :func:`register_feature_type` calls make its types known by name; None: nothing.
+    ``from_cwd`` puts the working directory first on ``sys.path``, as ``python -m`` does
+    (the CLI). A module that cannot be imported raises :class:`TypesModuleError`, one line."""
+    if not name:
+        return
+    if from_cwd and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # a user's module: any error on import is the same failure
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TypesModuleError(f"cannot import types module {name!r}: {reason}") from None
+
+
+class TypesModuleError(PermanentError, ValueError):
+    """The ``types_module`` setting names a module that does not import."""
 
 
 def known_feature_types() -> Mapping[str, FeatureType]:

@@ -12,7 +12,7 @@ from airflow.sdk import Asset, BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_memsafe.assets import FactTableLocation, parse_fact_table_uri
-from airflow_memsafe.config import MemsafeSettings
+from airflow_memsafe.config import MemsafeSettings, parse_bool, take_settings
 from airflow_memsafe.context import is_template, run_snapshot
 from airflow_memsafe.errors import (
     FeatureExtractionFailed,
@@ -21,7 +21,7 @@ from airflow_memsafe.errors import (
     is_permanent,
     one_line,
 )
-from airflow_memsafe.features import FeatureType, resolve_feature_types
+from airflow_memsafe.features import FeatureType, load_types_module, resolve_feature_types
 from airflow_memsafe.hooks import (
     FactsDatabaseError,
     connect_facts_db,
@@ -55,18 +55,6 @@ def _airflow_conf_lookup(name: str) -> str | None:
 
     value = conf.get("memsafe", name, fallback=None)
     return None if value in (None, "") else str(value)
-
-
-def _as_bool(value: bool | str, name: str) -> bool:
-    """A flag that may arrive as a rendered template (``"True"``, ``"false"``, ``"1"``)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", "", "none"):
-        return False
-    raise ValueError(f"{name} must be a boolean, not {value!r}")
 
 
 class OsmFeatureExtractOperator(BaseOperator):
@@ -114,10 +102,13 @@ class OsmFeatureExtractOperator(BaseOperator):
         :mod:`airflow_memsafe.assets`), added to the task's outlets: a successful run records
         an asset event (extra: region_id, snapshot, counts, postgres_conn_id) that DAGs
         scheduled on the Asset react to. Its schema and table must be this operator's.
-    :param batch_size, memory_limit_mb, warning_pct, critical_pct, hard_limit_pct,
-        spill_threshold_mb, max_input_mb, max_concurrency, node_index, force_gc: engine
-        settings, see :class:`airflow_memsafe.config.MemsafeSettings`; None defers to the
-        ``[memsafe]`` config section / ``AIRFLOW__MEMSAFE__*``.
+    :param settings: engine settings (templated): a mapping of setting names, or a
+        :class:`~airflow_memsafe.config.MemsafeSettings` (all its fields). Every setting is
+        also a keyword argument of its own (``batch_size=500``, ``index_dir=...``; see
+        docs/configuration.md), which wins over ``settings``. Not given or None: the
+        ``[memsafe]`` config section / ``AIRFLOW__MEMSAFE__<NAME>``, else the default.
+        Checked at DAG parse time (templated values: once rendered). ``types_module`` is
+        imported at parse time, before the feature type names are resolved.
     """
 
     template_fields: Sequence[str] = (
@@ -129,6 +120,7 @@ class OsmFeatureExtractOperator(BaseOperator):
         "postgres_conn_id",
         "reprocess",
         "single_pass",
+        "setting_overrides",
     )
     ui_color = "#cfe8d5"
 
@@ -148,21 +140,13 @@ class OsmFeatureExtractOperator(BaseOperator):
         boundary_path: str | None = None,
         allow_partial: bool = False,
         record_memory_metrics: bool = True,
-        batch_size: int | None = None,
-        memory_limit_mb: int | None = None,
-        warning_pct: float | None = None,
-        critical_pct: float | None = None,
-        hard_limit_pct: float | None = None,
-        spill_threshold_mb: int | None = None,
-        max_input_mb: int | None = None,
-        max_concurrency: int | None = None,
-        node_index: str | None = None,
-        force_gc: bool | None = None,
+        settings: MemsafeSettings | Mapping[str, Any] | None = None,
         reprocess: bool | str = False,
         single_pass: bool | str = False,
         fact_asset: Asset | str | None = None,
         **kwargs: Any,
     ) -> None:
+        setting_overrides = take_settings(settings, kwargs)  # every setting is a keyword too
         self.fact_table = FactTable(schema, table)  # validates the identifiers, no I/O
         self.fact_asset = self._check_asset(fact_asset)
         if self.fact_asset is not None:
@@ -181,29 +165,22 @@ class OsmFeatureExtractOperator(BaseOperator):
         self.boundary_path = boundary_path
         self.allow_partial = allow_partial
         self.record_memory_metrics = record_memory_metrics
-        self.setting_overrides = {
-            "batch_size": batch_size,
-            "memory_limit_mb": memory_limit_mb,
-            "warning_pct": warning_pct,
-            "critical_pct": critical_pct,
-            "hard_limit_pct": hard_limit_pct,
-            "spill_threshold_mb": spill_threshold_mb,
-            "max_input_mb": max_input_mb,
-            "max_concurrency": max_concurrency,
-            "node_index": node_index,
-            "force_gc": force_gc,
-        }
+        self.setting_overrides = setting_overrides
         self._conn: Any = None
         self._lineage: ExtractLineage | None = None  # for OpenLineage, set by execute()
         # Fail at DAG parse time for what is already known: unknown or duplicate types,
         # a malformed region id, impossible settings.
+        known = {k: v for k, v in setting_overrides.items() if not is_template(v)}
+        MemsafeSettings.resolve(known, lookup=lambda _name: None)
+        if is_template(setting_overrides.get("types_module")):
+            raise ValueError("types_module cannot be templated: type names resolve at parse time")
+        load_types_module(known.get("types_module") or _airflow_conf_lookup("types_module"))
         if not is_template(feature_types):
             self._types()
         if not is_template(region_id):
             validate_region_id(region_id)
         if snapshot and not is_template(snapshot):
             validate_snapshot(snapshot)
-        MemsafeSettings.resolve(self.setting_overrides, lookup=lambda _name: None)
 
     def _check_asset(self, asset: Asset | str | None) -> Asset | None:
         """The outlet Asset, checked to name this operator's schema and table (parse time)."""
@@ -251,8 +228,8 @@ class OsmFeatureExtractOperator(BaseOperator):
         region_id = validate_region_id(self.region_id)
         snapshot = run_snapshot(context, self.snapshot)
         settings = MemsafeSettings.resolve(self.setting_overrides, _airflow_conf_lookup)
-        reprocess = _as_bool(self.reprocess, "reprocess")
-        single_pass = _as_bool(self.single_pass, "single_pass")
+        reprocess = parse_bool(self.reprocess, "reprocess")
+        single_pass = parse_bool(self.single_pass, "single_pass")
         ti = context["ti"]
         monitor = memory_monitor(settings)
         sink = self._metrics_sink(ti, monitor) if self.record_memory_metrics else None
