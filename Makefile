@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints-py311.txt
+$(STAMP): pyproject.toml tools/pyproject.toml constraints-py311.txt
 	@echo "make install: creating $(VENV)/ from the lock file (constraints-py311.txt), ~2 minutes ..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	@# pip's progress, one line per package (errors in full); fails when pip fails
-	{ $(BIN)/pip install --progress-bar off -c constraints-py311.txt -e ".[dev]" 2>&1; \
+	@# the developer tools (tools/: memsafe-dev tile, cgroup-run) next to the provider
+	{ $(BIN)/pip install --progress-bar off -c constraints-py311.txt -e ".[dev]" -e tools 2>&1; \
 	  echo "pip-exit $$?"; } | tee $(VENV)/install.log \
 	  | grep --line-buffered -E "^(Collecting|Processing|ERROR|error|Successfully)" | cut -c1-100 || true
 	@grep -q "^pip-exit 0$$" $(VENV)/install.log || { echo "make install: pip failed, see $(VENV)/install.log"; exit 1; }
@@ -46,8 +47,8 @@ bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check airflow_memsafe dags tests benchmarks scripts
-	$(BIN)/ruff format --check airflow_memsafe dags tests benchmarks scripts
+	$(BIN)/ruff check airflow_memsafe tools dags tests benchmarks scripts
+	$(BIN)/ruff format --check airflow_memsafe tools dags tests benchmarks scripts
 	$(BIN)/mypy
 
 # Re-pin after changing dependencies: resolves into a scratch venv and writes the lock file.
@@ -55,7 +56,7 @@ lock:
 	rm -rf /tmp/memsafe-lock && $(PYTHON) -m venv /tmp/memsafe-lock
 	/tmp/memsafe-lock/bin/pip install --quiet ".[dev]"
 	{ echo "# Lock file for Python 3.11 (pip constraints). Regenerate: make lock"; \
-	  /tmp/memsafe-lock/bin/pip freeze --exclude airflow-memsafe; } > constraints-py311.txt
+	  /tmp/memsafe-lock/bin/pip freeze --exclude airflow-memsafe --exclude memsafe-dev; } > constraints-py311.txt
 
 clean:
 	rm -rf $(VENV) .airflow .pgdata .stack build dist *.egg-info

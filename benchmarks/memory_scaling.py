@@ -2,7 +2,7 @@
 
 For each PBF size (the 0.5 MB Monaco sample, tiled N× with ``tile_pbf``), each tool runs in
 its own process inside a fresh memory cgroup with the same limit (default 1 GiB, the
-worker's), via :func:`airflow_memsafe.memory.harness.run_in_memory_cgroup`:
+worker's), via :func:`memsafe_dev.harness.run_in_memory_cgroup`:
 
 - ``ours``: ``airflow dags test osm_region_features`` — all 8 types, rows into PostgreSQL,
   the verify sensor; the rows are checked against N × the Monaco figures;
@@ -53,12 +53,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from airflow_env import airflow_env, migrate  # noqa: E402
 
-from airflow_memsafe.memory.harness import (  # noqa: E402
+from airflow_memsafe.storage.identifiers import snapshot_of  # noqa: E402
+from memsafe_dev.harness import (  # noqa: E402
     CgroupRun,
     cgroup_available,
     run_in_memory_cgroup,
 )
-from airflow_memsafe.storage.identifiers import snapshot_of  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MONACO = REPO / "data" / "monaco-2023.osm.pbf"
@@ -88,7 +88,7 @@ def tiled_pbf(copies: int, work_dir: Path) -> Path:
     """The Monaco sample repeated ``copies`` times (cached in ``work_dir``)."""
     if copies == 1:
         return MONACO
-    from airflow_memsafe.osm.tile import tile_pbf
+    from memsafe_dev.tile import tile_pbf
 
     out = work_dir / f"monaco-x{copies}.osm.pbf"
     if not out.exists():
@@ -678,7 +678,7 @@ def write_results(
         "# Memory scaling benchmark\n\n"
         f"`benchmarks/memory_scaling.py`, {dt.date.today().isoformat()}, "
         f"{os.cpu_count()} CPUs. Inputs: `data/monaco-2023.osm.pbf` tiled N× with "
-        "`airflow-memsafe tile` (valid PBF, metrics exactly N×: our rows are checked "
+        "`memsafe-dev tile` (valid PBF, metrics exactly N×: our rows are checked "
         "against that).\n\n"
     )
     (out_dir / "memory_scaling.md").write_text(header + table)

@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_worker(args.worker, args.regions, types or None)))  # type: ignore[arg-type]
         return 0
     from airflow_memsafe.features import BUILTIN_FEATURE_TYPES
-    from airflow_memsafe.osm.tile import tile_pbf
+    from memsafe_dev.tile import tile_pbf
 
     types = types or ",".join(ft.name for ft in BUILTIN_FEATURE_TYPES)
     with tempfile.TemporaryDirectory(prefix="memsafe-regions-") as tmp:

@@ -1,7 +1,7 @@
 """Speed per feature type against the C++ floor; all 8 types against pyrosm, QuackOSM and
 osm2pgsql — on a tiled PBF with a header bbox and on the same data without one, in one run.
 
-Inputs: Monaco × ``--copies`` (~200 MB by default, written by ``airflow-memsafe tile``, with a
+Inputs: Monaco × ``--copies`` (~200 MB by default, written by ``memsafe-dev tile``, with a
 header bbox) and the same file through ``osmium merge`` (a header without a bbox, as
 ``osmium cat`` of several files and many tools write; checked with ``osmium fileinfo``). On
 each, every measurement in its own process under a memory cgroup (``run_in_memory_cgroup``):
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_scaling import DEFAULT_OUT, DEFAULT_WORK, PEERS, run_peer, tiled_pbf
 
 from airflow_memsafe.features import BUILTIN_FEATURE_TYPES, GeometryKind
-from airflow_memsafe.memory.harness import CgroupRun, run_in_memory_cgroup
+from memsafe_dev.harness import CgroupRun, run_in_memory_cgroup
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "airflow-memsafe")

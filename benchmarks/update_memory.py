@@ -4,7 +4,7 @@ The Monaco sample tiled ``--copies`` times (460: 210 MB) gets a replication head
 (sequence 0 of a local server on 127.0.0.1); one diff (sequence 1) changes it like a busy
 day: every 50th building way deleted, every 50th road retagged, ``--new-nodes`` amenity
 nodes created. The update runs as its own process in a fresh memory cgroup
-(``airflow_memsafe.memory.harness``); the result is checked (sequence 1 in the header, the
+(``memsafe_dev.harness``); the result is checked (sequence 1 in the header, the
 new nodes present) and one row is written to ``results/update_memory.md`` / ``.json``.
 
 Run: ``.venv/bin/python benchmarks/update_memory.py`` (root: cgroups). ~3 minutes.
@@ -34,8 +34,8 @@ from replication_server import (  # noqa: E402
     with_replication_header,
 )
 
-from airflow_memsafe.memory.harness import run_in_memory_cgroup  # noqa: E402
-from airflow_memsafe.osm.tile import tile_pbf  # noqa: E402
+from memsafe_dev.harness import run_in_memory_cgroup  # noqa: E402
+from memsafe_dev.tile import tile_pbf  # noqa: E402
 
 MONACO = REPO / "data" / "monaco-2023.osm.pbf"
 RESULTS = REPO / "benchmarks" / "results"

@@ -12,7 +12,7 @@ Starts, as ordinary processes on free ports of 127.0.0.1:
   ``docker compose up --scale airflow-worker=N`` would. Each worker's whole process tree
   (Celery pool, task supervisors, task processes, libosmium threads) runs inside its own
   1 GiB memory cgroup, like the compose worker's ``mem_limit: 1g``
-  (``airflow_memsafe.memory.harness``), and in its own UTS namespace with its own host name
+  (``memsafe_dev.harness``), and in its own UTS namespace with its own host name
   (``memsafe-w1``, ...; a container's host name), private ``TMPDIR`` and extraction-slots
   directory (``AIRFLOW__MEMSAFE__SLOTS_DIR``: per-host slots) and log-server port.
 
@@ -437,7 +437,7 @@ def missing_prerequisites() -> str | None:
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root without a `postgres` user to run the server as"
-    from airflow_memsafe.memory.harness import cgroup_available
+    from memsafe_dev.harness import cgroup_available
 
     reason = cgroup_available()
     if reason is not None:
@@ -899,7 +899,7 @@ class Stack:
         """``airflow celery worker`` (the compose command) in its own 1 GiB memory cgroup and
         UTS namespace: the host name Celery (``celery@<host>``) and the task instances
         (``hostname``) report is the worker's own, as in a container."""
-        from airflow_memsafe.memory.harness import start_in_memory_cgroup
+        from memsafe_dev.harness import start_in_memory_cgroup
 
         name = f"worker-{index}"
         hostname = worker_hostname(index)

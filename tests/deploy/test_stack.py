@@ -231,7 +231,7 @@ _REASON = stack.missing_prerequisites()
 
 @pytest.mark.cgroup
 def test_start_in_memory_cgroup_returns_a_running_member():
-    from airflow_memsafe.memory.harness import cgroup_available, start_in_memory_cgroup
+    from memsafe_dev.harness import cgroup_available, start_in_memory_cgroup
 
     reason = cgroup_available()
     if reason is not None:

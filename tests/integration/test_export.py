@@ -15,9 +15,9 @@ import pytest
 from airflow_helpers import new_dag, run_dag, xcom_values
 from conftest import PgServer
 
-from airflow_memsafe.memory.harness import cgroup_available, run_in_memory_cgroup
 from airflow_memsafe.storage import FactTable
 from airflow_memsafe.storage.metrics import MetricsTable
+from memsafe_dev.harness import cgroup_available, run_in_memory_cgroup
 
 LIMIT_MB = 256
 #: Upper bound on the exporting process group's peak (anonymous memory), far below what

@@ -39,9 +39,9 @@ from shapely.geometry import Polygon
 from airflow_memsafe import FeatureRowsLandedSensor, OsmFeatureExtractOperator
 from airflow_memsafe.features import resolve_feature_types
 from airflow_memsafe.osm.extract import extract_feature_types
-from airflow_memsafe.osm.tile import tile_pbf
 from airflow_memsafe.storage import FactTable
 from airflow_memsafe.storage.metrics import MetricsTable
+from memsafe_dev.tile import tile_pbf
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

@@ -15,7 +15,7 @@ import pytest
 from airflow_helpers import monaco_extract, new_dag, run_dag
 from conftest import MONACO
 
-from airflow_memsafe.osm.tile import tile_pbf
+from memsafe_dev.tile import tile_pbf
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

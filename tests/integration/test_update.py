@@ -262,7 +262,7 @@ def test_killed_update_leaves_the_old_file_and_the_next_run_cleans_up(
     """SIGKILL while the new file is being written (a bigger tile, so the write takes a
     moment): the old file is intact, the next update removes the temp file and works."""
     files, _ = replication
-    from airflow_memsafe.osm.tile import tile_pbf
+    from memsafe_dev.tile import tile_pbf
 
     big = tmp_path / "big.osm.pbf"
     tile_pbf(files[0], tmp_path / "tiled.osm.pbf", 40)

@@ -26,7 +26,7 @@ from osm_files import pbf_blocks
 
 from airflow_memsafe import FeatureRowsLandedSensor
 from airflow_memsafe.features import UnknownFeatureTypeError
-from airflow_memsafe.osm.tile import tile_pbf
+from memsafe_dev.tile import tile_pbf
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

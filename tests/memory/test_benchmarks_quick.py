@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from airflow_memsafe.memory.harness import cgroup_available
+from memsafe_dev.harness import cgroup_available
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))

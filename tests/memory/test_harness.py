@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_memsafe.memory.harness import cgroup_available, run_in_memory_cgroup
+from memsafe_dev.harness import cgroup_available, run_in_memory_cgroup
 
 REPO = Path(__file__).resolve().parents[2]
 _REASON = cgroup_available()
@@ -61,12 +61,17 @@ def test_timeout_and_leftover_processes_are_killed_and_the_group_removed() -> No
     assert not Path(run.cgroup_path).exists()
 
 
-def test_cli_prints_one_json_line_and_passes_the_exit_code_on() -> None:
+@pytest.mark.parametrize(
+    "program",
+    [
+        [sys.executable, "-m", "memsafe_dev.harness"],
+        [str(Path(sys.executable).parent / "memsafe-dev"), "cgroup-run"],  # the console script
+    ],
+)
+def test_cli_prints_one_json_line_and_passes_the_exit_code_on(program: list[str]) -> None:
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "airflow_memsafe.memory.harness",
+            *program,
             "--limit-mb",
             "128",
             "--",

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from airflow_memsafe.memory.harness import CgroupRun, cgroup_available, run_in_memory_cgroup
+from memsafe_dev.harness import CgroupRun, cgroup_available, run_in_memory_cgroup
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -84,7 +84,7 @@ def _tails(run: CgroupRun) -> str:
 @pytest.fixture(scope="session")
 def ci_pbf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Monaco sample tiled CI_COPIES× (~105 MB), made once per session."""
-    from airflow_memsafe.osm.tile import tile_pbf
+    from memsafe_dev.tile import tile_pbf
 
     path = tmp_path_factory.mktemp("memory-proof") / f"monaco-x{CI_COPIES}.osm.pbf"
     tile_pbf(MONACO, path, CI_COPIES)

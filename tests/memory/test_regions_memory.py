@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from airflow_memsafe.memory.harness import cgroup_available, run_in_memory_cgroup
-from airflow_memsafe.osm.tile import tile_pbf
+from memsafe_dev.harness import cgroup_available, run_in_memory_cgroup
+from memsafe_dev.tile import tile_pbf
 
 REPO = Path(__file__).resolve().parents[2]
 TYPES = "roads,buildings,amenities"

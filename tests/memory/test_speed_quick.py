@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from airflow_memsafe.memory.harness import cgroup_available
+from memsafe_dev.harness import cgroup_available
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 

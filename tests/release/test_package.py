@@ -84,6 +84,27 @@ def test_wheel_holds_every_module_and_the_provider_entry_point(
     assert "airflow-memsafe = airflow_memsafe.cli:main" in entry_text
 
 
+def test_wheel_holds_no_developer_tools_and_needs_no_protobuf(
+    dist: tuple[Path, Path, Path],
+) -> None:
+    """tile and the cgroup harness live in tools/ (memsafe_dev), apart from the product."""
+    _, wheel, _ = dist
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+        [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [
+            line.split(":", 1)[1].strip()
+            for line in whl.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+        code = "\n".join(whl.read(n).decode() for n in names if n.endswith(".py"))
+    assert not [n for n in names if "tile" in n or "harness" in n or "memsafe_dev" in n]
+    assert "tile_pbf" not in code and "run_in_memory_cgroup" not in code
+    assert "google.protobuf" not in code
+    runtime = [r for r in requires if "extra ==" not in r]
+    assert runtime and not [r for r in runtime if r.lower().startswith("protobuf")], runtime
+
+
 def test_wheel_installs_into_a_clean_venv_and_works(
     dist: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

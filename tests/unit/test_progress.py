@@ -26,6 +26,7 @@ from airflow_memsafe.osm.progress import (
 )
 
 CLI = str(Path(sys.executable).parent / "airflow-memsafe")
+DEV_CLI = str(Path(sys.executable).parent / "memsafe-dev")  # tools/: tile
 MB = 2**20
 
 
@@ -225,7 +226,7 @@ def test_progress_finds_the_descriptor_opened_after_start(tmp_path: Path) -> Non
 def test_engine_pass_reports_bytes_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from airflow_memsafe.features import resolve_feature_types
     from airflow_memsafe.osm.extract import extract_feature_types
-    from airflow_memsafe.osm.tile import tile_pbf
+    from memsafe_dev.tile import tile_pbf
 
     pbf = tmp_path / "x5.osm.pbf"
     tile_pbf(MONACO, pbf, 5)  # 14 k roads: a few ticks of 4096 objects
@@ -262,10 +263,10 @@ def test_terminal_bar_only_on_a_terminal_and_not_quiet() -> None:
     assert "roads: done in 0 s" in tty.getvalue()
 
 
-def _run_with_tty_stderr(args: list[str]) -> tuple[int, str, str]:
+def _run_with_tty_stderr(args: list[str], cli: str = CLI) -> tuple[int, str, str]:
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [CLI, *args],
+        [cli, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=slave,
@@ -291,20 +292,20 @@ def _run_with_tty_stderr(args: list[str]) -> tuple[int, str, str]:
     return proc.wait(), out, err.decode(errors="replace")
 
 
-def test_cli_tile_bar_on_a_terminal_quiet_and_piped(tmp_path: Path) -> None:
+def test_dev_cli_tile_bar_on_a_terminal_quiet_and_piped(tmp_path: Path) -> None:
     rc, out, err = _run_with_tty_stderr(
-        ["tile", str(MONACO), str(tmp_path / "a.pbf"), "--copies", "3"]
+        ["tile", str(MONACO), str(tmp_path / "a.pbf"), "--copies", "3"], DEV_CLI
     )
     assert rc == 0, err
     assert out.startswith(f"wrote {tmp_path / 'a.pbf'}: ") and "3 copies of" in out
     assert "TileReport(" not in out
     assert "tile: done in" in err and "\x1b[" in err  # the bar and its closing line
     rc, out, err = _run_with_tty_stderr(
-        ["tile", str(MONACO), str(tmp_path / "b.pbf"), "--copies", "3", "--quiet"]
+        ["tile", str(MONACO), str(tmp_path / "b.pbf"), "--copies", "3", "--quiet"], DEV_CLI
     )
     assert rc == 0 and err == "" and "3 copies of" in out
     piped = subprocess.run(
-        [CLI, "tile", str(MONACO), str(tmp_path / "c.pbf"), "--copies", "3"],
+        [DEV_CLI, "tile", str(MONACO), str(tmp_path / "c.pbf"), "--copies", "3"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -24,7 +24,7 @@ from airflow_memsafe.osm.regions import extract_regions_types, grid_geojson, loa
 from airflow_memsafe.osm.source import open_pbf
 from airflow_memsafe.osm.stream import TypeJob, stream_types
 from airflow_memsafe.osm.tally import WholeFileSink
-from airflow_memsafe.osm.tile import tile_pbf
+from memsafe_dev.tile import tile_pbf
 
 TINY = REPO / "data" / "tiny-test.osm.pbf"
 ALL = resolve_feature_types(None)

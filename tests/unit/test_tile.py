@@ -10,10 +10,10 @@ import pytest
 
 from airflow_memsafe.errors import InvalidPbfError
 from airflow_memsafe.features import resolve_feature_types
-from airflow_memsafe.memory.harness import cgroup_available, run_in_memory_cgroup
 from airflow_memsafe.osm.extract import FeatureResult, extract_feature_types
 from airflow_memsafe.osm.source import open_pbf
-from airflow_memsafe.osm.tile import tile_pbf
+from memsafe_dev.harness import cgroup_available, run_in_memory_cgroup
+from memsafe_dev.tile import tile_pbf
 
 REPO = Path(__file__).resolve().parents[2]
 MONACO = REPO / "data" / "monaco-2023.osm.pbf"
@@ -166,7 +166,7 @@ def test_bad_arguments_are_rejected(tmp_path: Path) -> None:
 
 _TILE_CHILD = """
 import sys
-from airflow_memsafe.osm.tile import tile_pbf
+from memsafe_dev.tile import tile_pbf
 tile_pbf(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 """
 

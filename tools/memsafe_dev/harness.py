@@ -8,8 +8,9 @@ Works with cgroup v1 (``memory.limit_in_bytes``; the group is made under this pr
 memory cgroup) and v2 (``memory.max``; under the own group, its parent or the root, wherever
 the memory controller can be enabled for children). Needs write access, i.e. root.
 
-CLI: ``python -m airflow_memsafe.memory.harness --limit-mb 1024 -- CMD ARGS...`` prints one
-JSON line with the result and exits with the command's exit code.
+CLI: ``memsafe-dev cgroup-run --limit-mb 1024 -- CMD ARGS...`` (or ``python -m
+memsafe_dev.harness ...``) prints one JSON line with the result and exits with the command's
+exit code.
 """
 
 from __future__ import annotations
@@ -414,7 +415,7 @@ def start_in_memory_cgroup(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m airflow_memsafe.memory.harness",
+        prog="memsafe-dev cgroup-run",
         description="Run a command in a memory cgroup and print a JSON line with the result.",
     )
     parser.add_argument("--limit-mb", type=int, required=True, help="memory limit in MiB")

@@ -992,7 +992,7 @@ class TileReport:
         return self.bytes_written / 2**20 / self.duration_s if self.duration_s > 0 else 0.0
 
     def __str__(self) -> str:
-        """A readable summary (what ``airflow-memsafe tile`` prints)."""
+        """A readable summary (what ``memsafe-dev tile`` prints)."""
         counts = ", ".join(f"{n:,} {kind}" for kind, n in self.source_counts.items())
         missing = ", ".join(f"{n:,} {kind}" for kind, n in self.missing_refs.items())
         bbox = (
@@ -1189,6 +1189,6 @@ def _out_header(
     optional = [f for f in header.optional_features if not f.startswith("Sort.")]
     del header.optional_features[:]
     header.optional_features.extend([*optional, "Sort.Type_then_ID"])
-    header.writingprogram = "airflow-memsafe tile"
+    header.writingprogram = "memsafe-dev tile"
     header.source = f"{name} x{copies} (longitude-shifted copies)"
     return header.SerializeToString()
