@@ -9,9 +9,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from airflow_memsafe.config import MemsafeSettings
+from airflow_memsafe.config import MemsafeSettings, setting_specs
 from airflow_memsafe.errors import MemsafeError
-from airflow_memsafe.features import resolve_feature_types
+from airflow_memsafe.features import load_types_module, resolve_feature_types
 from airflow_memsafe.osm.extract import FeatureResult, extract_feature_types
 from airflow_memsafe.osm.progress import terminal_bar
 from airflow_memsafe.storage.identifiers import validate_region_id
@@ -39,13 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     ext.add_argument(
         "--regions-id-property", default="id", help="property holding each region's id"
     )
-    ext.add_argument("--batch-size", type=int, help="objects per micro-batch")
-    ext.add_argument("--memory-limit-mb", type=int, help="memory budget (default: cgroup)")
-    ext.add_argument(
-        "--node-index",
-        choices=("auto", "flex_mem", "sparse_mem_array", "sparse_file_array"),
-        help="node-location index (default: auto by file size vs budget)",
-    )
     ext.add_argument(
         "--single-pass",
         action="store_true",
@@ -54,16 +47,45 @@ def _parser() -> argparse.ArgumentParser:
     )
     ext.add_argument("--json", action="store_true", help="print a JSON list, one object per type")
     ext.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal)")
-
-    tile = sub.add_parser("tile", help="write a bigger PBF by repeating SRC shifted in longitude")
-    tile.add_argument("src", help="source PBF")
-    tile.add_argument("out", help="output PBF")
-    tile.add_argument("--copies", type=int, required=True, help="number of copies (>= 1)")
-    tile.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal)")
+    _setting_arguments(ext)
+    # Moved to the developer tools; the name stays to say where.
+    sub.add_parser("tile", help=f"moved: {_TILE_MOVED}", add_help=False)
     _export_parser(sub)
     _update_parser(sub)
     _report_parser(sub)
     return parser
+
+
+_TILE_MOVED = (
+    "tiling is a developer tool now: memsafe-dev tile SRC OUT --copies N (tools/ in the "
+    "repository, installed by make install)"
+)
+
+
+def _setting_arguments(parser: argparse.ArgumentParser, only: Sequence[str] = ()) -> None:
+    """A flag per setting (``--batch-size``, ``--no-force-gc``, ...), from the fields of
+    :class:`MemsafeSettings` (``only``: just these); values are checked by the settings."""
+    group = parser.add_argument_group(
+        "settings", "MemsafeSettings (docs/configuration.md); unset: AIRFLOW__MEMSAFE__<NAME>"
+    )
+    for spec in setting_specs():
+        if only and spec.name not in only:
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        facts = [spec.info.unit, spec.bounds_text, f"default {spec.default_text}"]
+        text = f"{spec.info.description} [{'; '.join(f for f in facts if f)}]"
+        text = text.replace("%", "%%")  # argparse formats help with %
+        if spec.kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            metavar = spec.info.unit.upper() if spec.info.unit in ("MB", "s") else None
+            group.add_argument(flag, metavar=metavar or spec.type_name.upper(), help=text)
+
+
+def _settings(args: argparse.Namespace) -> MemsafeSettings:
+    """The settings of a run: the flags given, else the environment, else the defaults."""
+    given = {s.name: getattr(args, s.name) for s in setting_specs() if hasattr(args, s.name)}
+    return MemsafeSettings.resolve(given)
 
 
 def _report_parser(sub: Any) -> None:
@@ -106,6 +128,7 @@ def _update_parser(sub: Any) -> None:
         help=f"decoded diff data applied per run (default {DEFAULT_SIZE_MB}); more: run again",
     )
     upd.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _setting_arguments(upd, only=("osmdata_queue_size", "input_queue_size"))
 
 
 def _update(args: argparse.Namespace) -> int:
@@ -113,7 +136,14 @@ def _update(args: argparse.Namespace) -> int:
 
     # urllib3 logs each retry; the one-line error after the last one says it all.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
-    result = update_pbf(args.pbf, args.server, size_mb=args.size_mb)
+    settings = _settings(args)
+    result = update_pbf(
+        args.pbf,
+        args.server,
+        size_mb=args.size_mb,
+        osmdata_queue_size=settings.osmdata_queue_size,
+        input_queue_size=settings.input_queue_size,
+    )
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -176,14 +206,10 @@ def _results(
 
 
 def _extract(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    # A user's register_feature_type(...) calls, importable from here as with `python -m`.
+    load_types_module(settings.types_module, from_cwd=True)
     types = resolve_feature_types(args.types)
-    settings = MemsafeSettings.resolve(
-        {
-            "batch_size": args.batch_size,
-            "memory_limit_mb": args.memory_limit_mb,
-            "node_index": args.node_index,
-        }
-    )
     results: list[dict[str, Any]] = []
     for region_id, result in _results(args, types, settings):
         row = {"region_id": region_id, **result.to_dict()}
@@ -210,29 +236,13 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tile(args: argparse.Namespace) -> int:
-    from airflow_memsafe.osm.progress import PassProgress
-    from airflow_memsafe.osm.tile import tile_pbf
-
-    interval_s = MemsafeSettings.resolve().progress_interval_s
-    progress = PassProgress(label="tile", unit="objects written", interval_s=interval_s)
-    print(tile_pbf(args.src, args.out, args.copies, progress=progress))  # a readable summary
-    return 0
-
-
 def _connect(args: argparse.Namespace) -> Any:
     """An autocommit connection from ``--conn-id`` (an Airflow connection) or ``--dsn``."""
-    import psycopg
+    from airflow_memsafe.hooks import OsmFactsHook, connect_dsn
 
     if args.conn_id:
-        from airflow_memsafe.hooks import connect_facts_db
-
-        return connect_facts_db(args.conn_id)
-    try:
-        return psycopg.connect(args.dsn, autocommit=True)
-    except psycopg.Error as exc:
-        # Not the DSN itself in the message: it may hold a password.
-        raise ValueError(f"cannot connect with --dsn: {str(exc).strip()}") from None
+        return OsmFactsHook(postgres_conn_id=args.conn_id).connect()
+    return connect_dsn(args.dsn)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -290,6 +300,10 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``airflow-memsafe`` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tile"]:
+        print(f"airflow-memsafe: error: {_TILE_MOVED}", file=sys.stderr)
+        return 2
     args = _parser().parse_args(argv)
     # A progress bar on a terminal for every pass started inside (none when piped, --quiet).
     with terminal_bar(quiet=getattr(args, "quiet", False)):
@@ -300,9 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _update(args)
             if args.command == "report":
                 return _report(args)
-            if args.command == "extract":
-                return _extract(args)
-            return _tile(args)
+            return _extract(args)
         except (MemsafeError, ValueError, OSError) as exc:
             print(f"airflow-memsafe: error: {exc}", file=sys.stderr)
             return 2

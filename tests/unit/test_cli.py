@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MONACO, TINY
@@ -69,6 +71,11 @@ def test_extract_selected_types_text_output() -> None:
         (["extract", str(MONACO), "--types", "roads,roads"], "duplicate feature types"),
         (["extract", str(MONACO), "--region-id", "x'; drop"], "invalid region id"),
         (["extract", str(MONACO), "--batch-size", "0"], "batch_size must be >= 1"),
+        (["extract", str(MONACO), "--batch-size", "abc"], "batch_size must be an integer"),
+        (["extract", str(MONACO), "--batch-size", "2.5"], "batch_size must be an integer"),
+        (["extract", str(MONACO), "--node-index", "dense"], "node_index must be one of auto"),
+        (["extract", str(MONACO), "--types-module", "no_such_mod"], "cannot import types module"),
+        (["tile", str(MONACO), "out.pbf", "--copies", "2"], "memsafe-dev tile SRC OUT"),
     ],
 )
 def test_errors_are_one_line(args: list[str], message: str) -> None:
@@ -98,3 +105,89 @@ def test_single_pass_cli_gives_the_per_type_json() -> None:
         assert a["feature_count"] == b["feature_count"]
         for key in ("length_km", "area_km2"):
             assert (a[key] is None and b[key] is None) or abs(a[key] - b[key]) <= 1e-9 * a[key]
+
+
+# The README's "Add a feature type" module, as a user writes it next to their data.
+SCHOOLS_MODULE = """\
+from airflow_memsafe import FeatureType, register_feature_type
+
+register_feature_type(FeatureType("schools", key="amenity", values={"school"}, geometry="point"))
+"""
+
+
+def _school_count(pbf: Path) -> int:
+    """A second implementation: a plain pyosmium handler over nodes and assembled areas."""
+    import osmium
+
+    class Count(osmium.SimpleHandler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def node(self, n: Any) -> None:
+            self.n += n.tags.get("amenity") == "school"
+
+        def area(self, a: Any) -> None:
+            self.n += a.tags.get("amenity") == "school"
+
+    handler = Count()
+    handler.apply_file(str(pbf), locations=True)
+    return handler.n
+
+
+def test_types_module_makes_a_users_type_known_by_name(tmp_path: Path) -> None:
+    (tmp_path / "schools_mod.py").write_text(SCHOOLS_MODULE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = ["extract", str(MONACO), "--types", "schools", "--json", "--quiet"]
+    run = subprocess.run(
+        [CLI, *args, "--types-module", "schools_mod"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    [row] = json.loads(run.stdout)
+    expected = _school_count(MONACO)
+    assert expected >= 10  # Monaco: 10 schools
+    assert (row["feature_type"], row["feature_count"]) == ("schools", expected)
+    assert row["class_counts"] == {"school": expected}
+    # the setting's environment variable does the same; without either the name is unknown
+    by_env = subprocess.run(
+        [CLI, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**env, "AIRFLOW__MEMSAFE__TYPES_MODULE": "schools_mod"},
+    )  # fmt: skip
+    assert by_env.returncode == 0, by_env.stderr
+    assert json.loads(by_env.stdout)[0]["feature_count"] == expected
+    unknown = subprocess.run(
+        [CLI, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert unknown.returncode == 2 and "unknown feature type 'schools'" in unknown.stderr
+
+
+def test_types_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken_types.py").write_text("raise RuntimeError('no types today')\n")
+    run = subprocess.run(
+        [CLI, "extract", str(MONACO), "--types-module", "broken_types", "--types", "roads"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "airflow-memsafe: error: cannot import types module 'broken_types': no types today"
+    )
+
+
+def test_operator_resolves_names_from_the_types_module_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_memsafe import OsmFeatureExtractOperator
+    from airflow_memsafe.features import TypesModuleError
+
+    (tmp_path / "schools_op_mod.py").write_text(SCHOOLS_MODULE.replace("schools", "schools_op"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__MEMSAFE__TYPES_MODULE", "schools_op_mod")
+    op = OsmFeatureExtractOperator(
+        task_id="s", pbf_path="a.pbf", region_id="r", feature_types=["schools_op"]
+    )
+    assert [ft.name for ft in op.declared_feature_types()] == ["schools_op"]
+    with pytest.raises(TypesModuleError, match="cannot import types module 'nope_mod'"):
+        OsmFeatureExtractOperator(
+            task_id="t", pbf_path="a.pbf", region_id="r", types_module="nope_mod"
+        )
