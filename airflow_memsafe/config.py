@@ -182,6 +182,17 @@ class MemsafeSettings:
         "Distinct tag values kept in the per-class breakdown; the rest count as __other__.",
         minimum=1,
     )
+    relation_budget_mb: float | None = _setting(
+        None,
+        "Largest estimated store of candidate multipolygon relations in the area assembler "
+        "(~85 B per member + 0.5 KB per relation); past it the relations are assembled in "
+        "groups, one extra read per group, and relations with member ways missing from the "
+        "file are left out.",
+        unit="MB",
+        above=0,
+        default_text="64 MB, or half the headroom under the hard limit if smaller",
+        example="64",
+    )
     force_gc: bool = _setting(True, "Run gc.collect() and malloc_trim(0) between feature types.")
     progress_interval_s: float = _setting(
         10.0,

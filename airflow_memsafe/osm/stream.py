@@ -57,6 +57,14 @@ from airflow_memsafe.osm.integrity import (
     scan_uncompressed_blocks,
 )
 from airflow_memsafe.osm.progress import PassProgress
+from airflow_memsafe.osm.relations import (
+    CandidateLog,
+    RelationGate,
+    RelationPlan,
+    plan_groups,
+    relation_budget_mb,
+    single_group,
+)
 from airflow_memsafe.osm.scratch import node_index_dir
 from airflow_memsafe.osm.source import PbfSource, pbf_file
 from airflow_memsafe.osm.tally import NO_WKB, Feature, StreamStats
@@ -325,39 +333,66 @@ def _check_order(order: OrderCheck, kind: int, stage: int, prev: int, oid: int) 
     return max(stage, kind)
 
 
-def _first_pass(source: PbfSource, jobs: Sequence[TypeJob], manager: Any, order: OrderCheck) -> int:
-    """Candidate relations into the area manager, counted per type; returns their number.
-    Python sees only candidates (C++ filters)."""
-    area_jobs = _by_key([j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE])
-    candidates = 0
+def _relation_filters() -> list[Any]:
+    """C++ filters of the relations read: type multipolygon/boundary (the keys follow)."""
     relation_type = osmium.filter.TagFilter(*(("type", t) for t in _RELATION_AREA_TYPES))
     relation_type.enable_for(osmium.osm.RELATION)
-    relation_keys = osmium.filter.KeyFilter(*area_jobs)
+    return [relation_type]
+
+
+def _feed_relations(
+    source: PbfSource, keys: Sequence[str], gate: RelationGate, manager: Any
+) -> None:
+    """One read of the relation blocks: candidates (C++ filters) through ``gate`` into the
+    area manager's first pass. Python sees candidate relations only."""
+    relation_keys = osmium.filter.KeyFilter(*keys)
     relation_keys.enable_for(osmium.osm.RELATION)
     with osmium.io.Reader(pbf_file(source.path), osmium.osm.RELATION) as rd:
         # The iterator holds raw pointers to its handlers: keep them referenced here.
-        chain = [relation_type, relation_keys, manager.first_pass_handler()]
-        it = osmium.OsmFileIterator(rd, *chain)
-        last_rel = FIRST_ID
-        for obj in it:
-            oid = obj.id
-            if oid <= last_rel:  # only relations here: no type change to check
-                order.ids(_RELATION, last_rel, oid)
-            last_rel = oid
-            candidates += 1
-            tags = obj.tags
-            for key, key_jobs in area_jobs.items():
-                value = _tag(tags, key)
-                for job in key_jobs:
-                    if job.feature_type.matches_value(value):
-                        job.relation_candidates += 1
-                        job.relation_members += len(obj.members)  # type: ignore[union-attr]
-    return candidates
+        chain = [*_relation_filters(), relation_keys, gate, manager.first_pass_handler()]
+        for _ in osmium.OsmFileIterator(rd, *chain):
+            pass
+
+
+def _first_pass(
+    source: PbfSource,
+    jobs: Sequence[TypeJob],
+    order: OrderCheck,
+    budget_mb: float,
+    scratch: Path,
+) -> tuple[Any, RelationGate, CandidateLog]:
+    """Candidate relations into a new area manager while their store fits ``budget_mb``,
+    counted per type and recorded (:class:`~airflow_memsafe.osm.relations.CandidateLog`)."""
+    area_jobs = [j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE]
+    by_key = _by_key(area_jobs)
+    bit = {id(job): 1 << i for i, job in enumerate(area_jobs) if i < 64}
+    last = [FIRST_ID]
+
+    def on_candidate(rel: Any) -> int:
+        oid = rel.id
+        if oid <= last[0]:  # only relations here: no type change to check
+            order.ids(_RELATION, last[0], oid)
+        last[0] = oid
+        tags, members, mask = rel.tags, len(rel.members), 0
+        for key, key_jobs in by_key.items():
+            value = _tag(tags, key)
+            for job in key_jobs:
+                if job.feature_type.matches_value(value):
+                    job.relation_candidates += 1
+                    job.relation_members += members
+                    mask |= bit.get(id(job), 0)
+        return mask
+
+    candidates = CandidateLog(scratch / "members.ids")
+    gate = RelationGate(budget_mb, on_candidate, candidates)
+    manager = osmium.area.AreaManager()
+    _feed_relations(source, sorted(by_key), gate, manager)
+    return manager, gate, candidates
 
 
 def _second_pass_filters(jobs: Sequence[TypeJob]) -> list[Any]:
     """Key filters after the assembler: ways with a requested key (line and area keys:
-    yielding area ways drains the assembler's buffer), nodes with a point key."""
+    nodes with a point key."""
     way_keys = sorted({j.feature_type.key for j in jobs})
     point_keys = sorted(
         {j.feature_type.key for j in jobs if j.feature_type.geometry is GeometryKind.POINT}
@@ -437,7 +472,7 @@ def stream_types(
     needs_areas = bool(dispatch.areas)
     seen = 0
     box: tuple[float, float, float, float] | None = None
-    assembled = 0
+    areas = _AreaHandler(dispatch)
     progress = PassProgress(
         source.path,
         size_bytes=source.size_bytes,
@@ -445,23 +480,29 @@ def stream_types(
         interval_s=settings.progress_interval_s,
         memory=monitor,
     ).start()
+    relations: RelationPlan | None = None
+    hard_mb = before.limit_mb * settings.hard_limit_pct / 100
+    available_mb = hard_mb - plan.estimated_peak_mb
+    budget_mb = relation_budget_mb(settings.relation_budget_mb, headroom_mb=available_mb)
     try:
-        with _node_locations(index_kind, settings) as (locations, index_file):
+        with contextlib.ExitStack() as scope:
+            locations, index_file = scope.enter_context(_node_locations(index_kind, settings))
             handlers: list[Any] = []
             located = osmium.NodeLocationsForWays(locations)
             located.ignore_errors()
             handlers.append(located)
-            buffer: Any = None
             if needs_areas:
-                manager = osmium.area.AreaManager()
-                if not _first_pass(source, jobs, manager, order):
+                scratch = scope.enter_context(node_index_dir(settings.index_dir))
+                manager, relations = _plan_relations(
+                    source, jobs, order, budget_mb, available_mb, scratch, names
+                )
+                if not relations.group_relations[0]:
                     # No candidate relation: only closed ways with a requested key can
                     # become areas that count; the assembler sees no other way.
                     keyed = osmium.filter.KeyFilter(*sorted({j.feature_type.key for j in jobs}))
                     keyed.enable_for(osmium.osm.WAY)
                     handlers.append(keyed)
-                buffer = osmium.BufferIterator()
-                handlers.append(manager.second_pass_to_buffer(buffer))
+                handlers.append(manager.second_pass_handler(areas))
             handlers += _second_pass_filters(jobs)
             entities = osmium.osm.NODE | osmium.osm.WAY
             way_t = osmium.osm.Way
@@ -488,14 +529,11 @@ def stream_types(
                             stage = _check_order(order, _NODE, stage, last_node, oid)
                         last_node = oid
                         dispatch.node(obj)
-                    if buffer:
-                        for area in buffer:
-                            assembled += 1
-                            dispatch.area(area)
-            if buffer:
-                for area in buffer:
-                    assembled += 1
-                    dispatch.area(area)
+            if needs_areas:
+                del manager  # group 1's relation store
+            for k, ids in enumerate(relations.groups[1:] if relations else [], start=2):
+                log.info("%s: relation group %d of %d", names, k, len(relations.groups))  # type: ignore[union-attr]
+                _later_group(source, jobs, ids, locations, areas, guard)
             group.flush()
             if extent:
                 box = _index_extent(index_file) if index_file else _python_extent(source.path)
@@ -506,7 +544,7 @@ def stream_types(
         ) from None
     progress.finish(objects_seen=seen, features=sum(j.seen for j in jobs))
     duration = time.perf_counter() - started
-    extra = {
+    extra: dict[str, Any] = {
         "working_set_before_mb": round(before.working_set_mb, 1),
         "working_set_peak_mb": round(monitor.peak_working_set_mb, 1),
         "limit_mb": round(before.limit_mb, 1),
@@ -514,7 +552,13 @@ def stream_types(
         "batch_adjustments": guard.adjustments,
         "estimated_peak_mb": round(plan.estimated_peak_mb, 1),
         "types_in_pass": len(jobs),
-        "assembled_areas": assembled,
+        "assembled_areas": areas.assembled,
+    }
+    if relations is not None:
+        extra["relation_plan"] = relations.as_extra()
+    area_bits = {
+        id(j): i
+        for i, j in enumerate(j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE)
     }
     stats: dict[str, StreamStats] = {}
     errors: dict[str, BaseException] = {}
@@ -535,9 +579,94 @@ def stream_types(
                 **extra,
                 "relation_candidates": job.relation_candidates,
                 "relation_members": job.relation_members,
+                **(
+                    {
+                        "relations_missing_members": relations.missing_per_job.get(
+                            area_bits.get(id(job), -1), 0
+                        )
+                    }
+                    if relations is not None and relations.missing
+                    else {}
+                ),
             },
         )
     return PassResult(stats, errors, box)
+
+
+def _plan_relations(
+    source: PbfSource,
+    jobs: Sequence[TypeJob],
+    order: OrderCheck,
+    budget_mb: float,
+    available_mb: float,
+    scratch: Path,
+    names: str,
+) -> tuple[Any, RelationPlan]:
+    """The area manager of the first group, its relations fed, and the plan of all groups.
+
+    One relations read when the candidates fit ``budget_mb`` (the common case); past it, a
+    ways read learns which relations can be built (:func:`~airflow_memsafe.osm.relations.
+    plan_groups`) and a second relations read feeds the first group."""
+    manager, gate, candidates = _first_pass(source, jobs, order, budget_mb, scratch)
+    if not gate.over_budget:
+        return manager, single_group(gate, candidates)
+    del manager  # the partial store: replaced by the first group's
+    plan = plan_groups(source.path, candidates, budget_mb, available_mb=available_mb, names=names)
+    log.info("%s: %s", names, plan.describe())
+    manager = osmium.area.AreaManager()
+    keys = sorted(
+        {j.feature_type.key for j in jobs if j.feature_type.geometry is not GeometryKind.LINE}
+    )
+    _feed_relations(source, keys, RelationGate(budget_mb, None, None, plan.groups[0]), manager)
+    return manager, plan
+
+
+def _later_group(
+    source: PbfSource,
+    jobs: Sequence[TypeJob],
+    ids: frozenset[int] | None,
+    locations: Any,
+    areas: _AreaHandler,
+    guard: PressureGuard,
+) -> None:
+    """The areas of one later group of relations: its relations read into a new area
+    manager, then the ways (no nodes: their locations are in the node index kept from the
+    main read). Closed-way areas were counted by the main read and are not dispatched
+    again."""
+    keys = sorted(
+        {j.feature_type.key for j in jobs if j.feature_type.geometry is not GeometryKind.LINE}
+    )
+    manager = osmium.area.AreaManager()
+    _feed_relations(source, keys, RelationGate(0.0, None, None, ids or frozenset()), manager)
+    located = osmium.NodeLocationsForWays(locations)
+    located.ignore_errors()
+    areas.relations_only = True
+    # Python sees the keyed ways only (the memory check's chance to run).
+    keyed = osmium.filter.KeyFilter(*sorted({j.feature_type.key for j in jobs}))
+    keyed.enable_for(osmium.osm.WAY)
+    with osmium.io.Reader(pbf_file(source.path), osmium.osm.WAY) as reader:
+        chain = [located, manager.second_pass_handler(areas), keyed]
+        for n, _ in enumerate(osmium.OsmFileIterator(reader, *chain)):
+            if not n % _CHECK_EVERY:
+                guard.check()
+    del manager
+
+
+class _AreaHandler:
+    """The area manager's second-pass handler: each area goes to the types as it is
+    assembled (no buffer of finished areas waits for Python's next object)."""
+
+    def __init__(self, dispatch: _Dispatch) -> None:
+        self._dispatch = dispatch
+        self.assembled = 0
+        #: Later relation groups: closed-way areas were dispatched by the main read.
+        self.relations_only = False
+
+    def area(self, area: Any) -> None:
+        if self.relations_only and area.from_way():
+            return
+        self.assembled += 1
+        self._dispatch.area(area)
 
 
 def _line_loop(

@@ -1,0 +1,367 @@
+"""Candidate multipolygon relations, planned before the area assembler sees them.
+
+libosmium's area assembler keeps every relation of its first pass, with its member list, for
+the whole second pass (~85 B per member + ~0.5 KB per relation, measured, see
+``docs/memory-model.md``) — also relations whose member ways are not in the file (clipped
+extracts) and that can never become areas. It is the one memory cost that grows with the
+input. So the relations pass goes through a Python gate (:class:`RelationGate`, one call per
+candidate relation, never per node or way) that:
+
+1. counts the candidates per feature type and records their ids and member way ids
+   (:class:`CandidateLog`: 16 B per relation in RAM, the member ids in a temp file);
+2. hands them to the assembler while their estimated store fits ``relation_budget_mb``.
+
+When everything fits (the common case) that one read was the assembler's first pass and
+nothing else happens. Past the budget, :func:`plan_groups` learns which member ways exist in
+the file (one read of the ways, ids only, checked with numpy against sorted runs of the
+member ids on disk), drops the relations that can never be built (still counted in
+``skipped_count``) and splits the rest into groups whose store fits the budget: the area
+assembly then runs once per group. Memory stays bounded for any number of relations; time
+grows by one relations read + one ways read per extra group.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import osmium
+
+from airflow_memsafe.memory import release_memory
+from airflow_memsafe.memory.monitor import MemoryBudgetExceeded
+from airflow_memsafe.osm.source import pbf_file
+
+__all__ = [
+    "DEFAULT_RELATION_BUDGET_MB",
+    "RELATION_BYTES",
+    "RELATION_MEMBER_BYTES",
+    "CandidateLog",
+    "RelationGate",
+    "RelationPlan",
+    "complete_relations",
+    "plan_groups",
+    "relation_budget_mb",
+    "relation_store_mb",
+    "single_group",
+]
+
+log = logging.getLogger(__name__)
+
+#: The assembler's relation store, measured (DESIGN.md): per member and per relation.
+RELATION_MEMBER_BYTES = 85
+RELATION_BYTES = 512
+#: Default store budget: with the streaming pass's ~120 MB it keeps a task within the
+#: baseline + ~150 MB of the memory targets (issue 15); smaller if the limit is tight.
+DEFAULT_RELATION_BUDGET_MB = 64.0
+_MIN_BUDGET_MB = 8.0
+#: Member ids held in RAM before they go to the spill file (8 B each: 8 MB).
+_SPILL_CHUNK = 1 << 20
+#: Member ids sorted at once into one run of the existence check (4 MB of int64: the
+#: check's temporaries stay ~30 MB whatever the number of members).
+_RUN_SIZE = 1 << 19
+#: Way ids of the file checked against the runs at once.
+_WAY_BATCH = 1 << 16
+
+
+def relation_store_mb(relations: int, members: int) -> float:
+    """Estimated assembler store of ``relations`` candidates with ``members`` members."""
+    return (relations * RELATION_BYTES + members * RELATION_MEMBER_BYTES) / 2**20
+
+
+def relation_budget_mb(configured_mb: float | None, *, headroom_mb: float) -> float:
+    """The store budget: ``relation_budget_mb`` when set, else the smaller of
+    :data:`DEFAULT_RELATION_BUDGET_MB` and half the headroom under the hard line (at least
+    8 MB)."""
+    if configured_mb is not None:
+        return float(configured_mb)
+    return max(_MIN_BUDGET_MB, min(DEFAULT_RELATION_BUDGET_MB, headroom_mb / 2))
+
+
+class CandidateLog:
+    """Ids, member counts and member way ids of candidate relations, in file order.
+
+    Memory: 16 B per relation in RAM plus at most ``_SPILL_CHUNK`` member ids (8 MB); the
+    rest of the member ids go to ``spill_path`` (8 B each, on disk).
+    """
+
+    def __init__(self, spill_path: Path) -> None:
+        self.ids = array("q")
+        self.sizes = array("l")  # members per relation (what the store costs)
+        self.way_counts = array("l")  # way members per relation (what the existence check reads)
+        self.type_masks = array("Q")  # bit i: the relation is a candidate of job i (< 64)
+        self.members = 0
+        self.way_members = 0
+        self._refs = array("q")
+        self._spill_path = spill_path
+        self._spilled = 0
+
+    def add(self, rid: int, size: int, way_refs: Sequence[int], type_mask: int) -> None:
+        self.ids.append(rid)
+        self.sizes.append(size)
+        self.way_counts.append(len(way_refs))
+        self.type_masks.append(type_mask)
+        self.members += size
+        self.way_members += len(way_refs)
+        self._refs.extend(way_refs)
+        if len(self._refs) >= _SPILL_CHUNK:
+            self._spill()
+
+    def _spill(self) -> None:
+        with self._spill_path.open("ab") as fh:
+            self._refs.tofile(fh)
+        self._spilled += len(self._refs)
+        self._refs = array("q")
+
+    def way_refs(self) -> np.ndarray:
+        """Every relation's way members, in order (a read-only memory map of the spill file
+        once the ids outgrew RAM)."""
+        if self._spilled:
+            self._spill()
+            return np.memmap(self._spill_path, dtype=np.int64, mode="r")
+        return np.frombuffer(self._refs, dtype=np.int64) if self._refs else np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class RelationGate:
+    """A Python handler between the C++ candidate filters and the assembler's first pass:
+    records each candidate relation and lets it through while the store fits the budget
+    (``admit`` None), or lets through only the relations in ``admit`` (a later group).
+
+    ``on_candidate(relation)`` returns the job bit mask of the relation's types (counting
+    them per type is the caller's)."""
+
+    def __init__(
+        self,
+        budget_mb: float,
+        on_candidate: Callable[[Any], int] | None,
+        candidates: CandidateLog | None,
+        admit: frozenset[int] | None = None,
+    ) -> None:
+        self.budget_mb = budget_mb
+        self._on_candidate = on_candidate
+        self._log = candidates
+        self._admit = admit
+        self.fed = 0
+        self.fed_members = 0
+        self.over_budget = False
+
+    def relation(self, rel: Any) -> bool:
+        """True drops ``rel`` before the assembler (pyosmium's handler-as-filter)."""
+        if self._admit is not None:
+            return rel.id not in self._admit
+        members = rel.members
+        mask = self._on_candidate(rel) if self._on_candidate else 0
+        if self._log is not None:
+            refs = [m.ref for m in members if m.type == "w"]
+            self._log.add(rel.id, len(members), refs, mask)
+        if self.over_budget:
+            return True
+        if relation_store_mb(self.fed + 1, self.fed_members + len(members)) > self.budget_mb:
+            self.over_budget = True
+            return True
+        self.fed += 1
+        self.fed_members += len(members)
+        return False
+
+
+@dataclass
+class RelationPlan:
+    """The candidate relations split into groups that each fit the budget."""
+
+    budget_mb: float
+    candidates: int
+    members: int
+    #: Relation ids per group, in file order; one group ``None`` = all candidates, fed
+    #: during the planning read itself.
+    groups: list[frozenset[int] | None]
+    group_relations: list[int]
+    group_members: list[int]
+    #: Relations dropped because member ways are missing from the file (per job index).
+    missing: int = 0
+    missing_per_job: dict[int, int] = field(default_factory=dict)
+    ways_checked: int = 0
+
+    @property
+    def estimated_mb(self) -> float:
+        return relation_store_mb(self.candidates, self.members)
+
+    def group_mb(self) -> list[float]:
+        return [
+            round(relation_store_mb(r, m), 1)
+            for r, m in zip(self.group_relations, self.group_members, strict=True)
+        ]
+
+    def describe(self) -> str:
+        if len(self.groups) == 1 and self.groups[0] is None:
+            return (
+                f"{self.candidates} candidate relations ({self.members} members, est. "
+                f"{self.estimated_mb:.1f} MB) fit relation_budget_mb={self.budget_mb:.0f}: "
+                "one assembly"
+            )
+        return (
+            f"{self.candidates} candidate relations ({self.members} members, est. "
+            f"{self.estimated_mb:.1f} MB) over relation_budget_mb={self.budget_mb:.0f}: "
+            f"{self.missing} dropped (member ways missing from the file, {self.ways_checked} "
+            f"ways checked), the rest in {len(self.groups)} group(s) of "
+            f"{self.group_relations} relations, est. {self.group_mb()} MB"
+        )
+
+    def as_extra(self) -> dict[str, Any]:
+        """For the row's ``extra`` (lists capped at 50 groups)."""
+        return {
+            "budget_mb": round(self.budget_mb, 1),
+            "estimated_mb": round(self.estimated_mb, 1),
+            "groups": len(self.groups),
+            "relations_per_group": self.group_relations[:50],
+            "estimated_mb_per_group": self.group_mb()[:50],
+            "missing_members_dropped": self.missing,
+        }
+
+
+def single_group(gate: RelationGate, candidates: CandidateLog) -> RelationPlan:
+    """The plan when the planning read fed every candidate to the assembler."""
+    return RelationPlan(
+        gate.budget_mb,
+        len(candidates),
+        candidates.members,
+        [None],
+        [len(candidates)],
+        [candidates.members],
+    )
+
+
+def complete_relations(source_path: Path, candidates: CandidateLog) -> tuple[np.ndarray, int]:
+    """Per candidate: are all its member ways in the file? And how many ways were read.
+
+    One read of the way blocks (no locations, Python sees each way id: ~2 µs per way). The
+    member ids are sorted in runs of ``_RUN_SIZE`` (16 MB at a time) into memory maps next
+    to the spill file, so RAM stays bounded whatever the number of members.
+    """
+    refs = candidates.way_refs()
+    scratch = candidates._spill_path.parent
+    runs: list[np.ndarray] = []
+    found: list[np.ndarray] = []
+    for i, start in enumerate(range(0, len(refs), _RUN_SIZE)):
+        run = np.unique(refs[start : start + _RUN_SIZE])
+        path = scratch / f"run{i}.ids"
+        stored = np.memmap(path, dtype=np.int64, mode="w+", shape=run.shape)
+        stored[:] = run
+        del run
+        runs.append(stored)
+        found.append(
+            np.memmap(scratch / f"run{i}.found", dtype=np.bool_, mode="w+", shape=stored.shape)
+        )
+
+    def mark(batch: np.ndarray) -> None:
+        for run, hit in zip(runs, found, strict=True):
+            idx = np.searchsorted(run, batch)
+            ok = idx < len(run)
+            idx, keys = idx[ok], batch[ok]
+            hit[idx[run[idx] == keys]] = True
+
+    ways = 0
+    if runs:
+        batch = np.empty(_WAY_BATCH, dtype=np.int64)
+        n = 0
+        with osmium.io.Reader(pbf_file(source_path), osmium.osm.WAY) as reader:
+            for way in osmium.OsmFileIterator(reader):
+                batch[n] = way.id
+                n += 1
+                if n == _WAY_BATCH:
+                    mark(batch)
+                    ways += n
+                    n = 0
+        mark(batch[:n])
+        ways += n
+
+    # Per relation: how many of its way members were not found.
+    counts = (
+        np.frombuffer(candidates.way_counts, dtype=np.int_)
+        if len(candidates)
+        else np.empty(0, np.int_)
+    )
+    owner_bounds = np.concatenate(([0], np.cumsum(counts)))
+    missing = np.zeros(len(candidates), dtype=np.int64)
+    for start in range(0, len(refs), _RUN_SIZE):
+        chunk = np.asarray(refs[start : start + _RUN_SIZE])
+        present = np.zeros(len(chunk), dtype=np.bool_)
+        for run, hit in zip(runs, found, strict=True):
+            idx = np.minimum(np.searchsorted(run, chunk), len(run) - 1)
+            present |= (run[idx] == chunk) & hit[idx]
+        owners = (
+            np.searchsorted(owner_bounds, np.arange(start, start + len(chunk)), side="right") - 1
+        )
+        np.add.at(missing, owners[~present], 1)
+    runs.clear()  # unmap before the scratch dir goes
+    found.clear()
+    release_memory()  # the temporaries, back to the system before the main read
+    return missing == 0, ways
+
+
+def plan_groups(
+    source_path: Path,
+    candidates: CandidateLog,
+    budget_mb: float,
+    *,
+    available_mb: float,
+    names: str,
+) -> RelationPlan:
+    """Drop candidates with missing member ways, then split the rest greedily, in file order,
+    into groups whose estimated store fits ``budget_mb``. A relation bigger than the budget
+    gets a group of its own; one bigger than ``available_mb`` (the headroom under the hard
+    line) is refused before the main read with :class:`MemoryBudgetExceeded` naming it."""
+    complete, ways = complete_relations(source_path, candidates)
+    sizes = np.frombuffer(candidates.sizes, dtype=np.int_)
+    ids = np.frombuffer(candidates.ids, dtype=np.int64)
+    masks = np.frombuffer(candidates.type_masks, dtype=np.uint64)
+    missing_per_job: dict[int, int] = {}
+    for bit in range(64):
+        n = int(np.count_nonzero((masks[~complete] >> np.uint64(bit)) & np.uint64(1)))
+        if n:
+            missing_per_job[bit] = n
+    own_mb = (RELATION_BYTES + sizes * RELATION_MEMBER_BYTES) / 2**20
+    too_big = np.flatnonzero(complete & (own_mb > available_mb))
+    if len(too_big):
+        i = int(too_big[np.argmax(sizes[too_big])])
+        raise MemoryBudgetExceeded(
+            f"{names}: refused before reading — relation {int(ids[i])} has {int(sizes[i])} "
+            f"members, an estimated {own_mb[i]:.0f} MB in the area assembler, more than the "
+            f"{available_mb:.0f} MB left under the hard limit even alone; give the worker "
+            "more memory or leave its type out"
+        )
+    groups: list[frozenset[int] | None] = []
+    group_relations: list[int] = []
+    group_members: list[int] = []
+    current: list[int] = []
+    members = 0
+    for rid, size in zip(ids[complete].tolist(), sizes[complete].tolist(), strict=True):
+        if current and relation_store_mb(len(current) + 1, members + size) > budget_mb:
+            groups.append(frozenset(current))
+            group_relations.append(len(current))
+            group_members.append(members)
+            current, members = [], 0
+        current.append(rid)
+        members += size
+    if current or not groups:
+        groups.append(frozenset(current))
+        group_relations.append(len(current))
+        group_members.append(members)
+    plan = RelationPlan(
+        budget_mb,
+        len(candidates),
+        candidates.members,
+        groups,
+        group_relations,
+        group_members,
+        missing=int(np.count_nonzero(~complete)),
+        missing_per_job=missing_per_job,
+        ways_checked=ways,
+    )
+    return plan
