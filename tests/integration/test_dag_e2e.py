@@ -9,11 +9,11 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-import osmium
 import psycopg
 import pytest
 from airflow_helpers import load_example_dag, run_dag, xcom_values
 from conftest import MONACO, PgServer
+from osm_files import count_points
 
 from airflow_memsafe import FeatureRowsLandedSensor, FeatureType, OsmFeatureExtractOperator
 from airflow_memsafe.operators.extract import MAX_XCOM_BYTES
@@ -134,21 +134,7 @@ class SchoolsExtractOperator(OsmFeatureExtractOperator):
 
 def _independent_school_count() -> int:
     """A second implementation: plain pyosmium handler, no filters, no engine code."""
-
-    class Count(osmium.SimpleHandler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.n = 0
-
-        def node(self, n: Any) -> None:
-            self.n += n.tags.get("amenity") == "school"
-
-        def area(self, a: Any) -> None:
-            self.n += a.tags.get("amenity") == "school"
-
-    handler = Count()
-    handler.apply_file(str(MONACO), locations=True)
-    return handler.n
+    return count_points(MONACO, "amenity", "school")
 
 
 def _dag(dag_id: str) -> Any:

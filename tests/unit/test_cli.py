@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import MONACO, TINY
+from osm_files import count_points
 
 CLI = str(Path(sys.executable).parent / "airflow-memsafe")
 KEYS = {
@@ -115,26 +115,6 @@ register_feature_type(FeatureType("schools", key="amenity", values={"school"}, g
 """
 
 
-def _school_count(pbf: Path) -> int:
-    """A second implementation: a plain pyosmium handler over nodes and assembled areas."""
-    import osmium
-
-    class Count(osmium.SimpleHandler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.n = 0
-
-        def node(self, n: Any) -> None:
-            self.n += n.tags.get("amenity") == "school"
-
-        def area(self, a: Any) -> None:
-            self.n += a.tags.get("amenity") == "school"
-
-    handler = Count()
-    handler.apply_file(str(pbf), locations=True)
-    return handler.n
-
-
 def test_types_module_makes_a_users_type_known_by_name(tmp_path: Path) -> None:
     (tmp_path / "schools_mod.py").write_text(SCHOOLS_MODULE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -145,7 +125,7 @@ def test_types_module_makes_a_users_type_known_by_name(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     [row] = json.loads(run.stdout)
-    expected = _school_count(MONACO)
+    expected = count_points(MONACO, "amenity", "school")  # independent of the engine
     assert expected >= 10  # Monaco: 10 schools
     assert (row["feature_type"], row["feature_count"]) == ("schools", expected)
     assert row["class_counts"] == {"school": expected}
