@@ -141,3 +141,52 @@ def replace_pbf_strings(src: Path, dst: Path, strings: dict[bytes, bytes]) -> Pa
         return _encode_fields([(1, 2, _encode_fields(entries)), *rest])
 
     return rewrite_pbf_blocks(src, dst, edit)
+
+
+def relation_dense_opl(
+    relations: int, members: int, clipped: int = 0, *, clipped_members: int = 20
+) -> str:
+    """OPL of ``relations`` complete multipolygons (alternately ``landuse=forest`` and
+    ``natural=water``), each a ring of ``members`` untagged two-node member ways, plus
+    ``clipped`` multipolygons whose member ways are missing but two (a relation clipped at
+    the edge of an extract). Rings of radius ~100 m on a grid; ids dense from 1."""
+    nodes: list[str] = []
+    ways: list[str] = []
+    rels: list[str] = []
+    node_id = way_id = 0
+    side = max(1, int((relations + clipped) ** 0.5) + 1)
+    for r in range(relations + clipped):
+        cx, cy = 7.0 + (r % side) * 0.005, 43.0 + (r // side) * 0.005
+        first_node, first_way = node_id + 1, way_id + 1
+        count = members if r < relations else clipped_members
+        for i in range(count):
+            angle = 2 * 3.141592653589793 * i / count
+            node_id += 1
+            x, y = cx + 0.001 * _cos(angle), cy + 0.001 * _sin(angle)
+            nodes.append(f"n{node_id} v1 x{x:.7f} y{y:.7f}")
+        for i in range(count):
+            way_id += 1
+            a, b = first_node + i, first_node + (i + 1) % count
+            ways.append(f"w{way_id} v1 Nn{a},n{b}")
+        tag = "landuse=forest" if r % 2 == 0 else "natural=water"
+        refs = [f"w{first_way + i}@outer" for i in range(count)]
+        if r >= relations:  # clipped: only two of its ways are in the file
+            ways[:] = ways[: len(ways) - count + 2]
+            way_id = first_way + 1
+            refs = [f"w{first_way + i}@outer" for i in range(2)] + [
+                f"w{10_000_000 + r * count + i}@outer" for i in range(count)
+            ]
+        rels.append(f"r{r + 1} v1 Ttype=multipolygon,{tag} M{','.join(refs)}")
+    return "\n".join(nodes + ways + rels)
+
+
+def _cos(angle: float) -> float:
+    import math
+
+    return math.cos(angle)
+
+
+def _sin(angle: float) -> float:
+    import math
+
+    return math.sin(angle)
