@@ -59,4 +59,4 @@ lock:
 	  /tmp/memsafe-lock/bin/pip freeze --exclude airflow-memsafe --exclude memsafe-dev; } > constraints-py311.txt
 
 clean:
-	rm -rf $(VENV) .airflow .pgdata .stack build dist *.egg-info
+	rm -rf $(VENV) .airflow .pgdata .stack build dist *.egg-info tools/*.egg-info

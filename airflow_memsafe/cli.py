@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from airflow_memsafe.config import MemsafeSettings, setting_specs
+from airflow_memsafe.config import MemsafeSettings, SettingSpec, setting_specs
 from airflow_memsafe.errors import MemsafeError
 from airflow_memsafe.features import load_types_module, resolve_feature_types
 from airflow_memsafe.osm.extract import FeatureResult, extract_feature_types
@@ -78,8 +78,17 @@ def _setting_arguments(parser: argparse.ArgumentParser, only: Sequence[str] = ()
         if spec.kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            metavar = spec.info.unit.upper() if spec.info.unit in ("MB", "s") else None
-            group.add_argument(flag, metavar=metavar or spec.type_name.upper(), help=text)
+            group.add_argument(flag, metavar=_metavar(spec), help=text)
+
+
+def _metavar(spec: SettingSpec) -> str:
+    if spec.info.choices:
+        return "{" + ",".join(spec.info.choices) + "}"
+    if spec.info.unit in ("MB", "s"):
+        return str(spec.info.unit).upper()
+    if spec.name.endswith("_dir"):
+        return "DIR"
+    return "MODULE" if spec.name.endswith("_module") else "N" if spec.kind is int else "X"
 
 
 def _settings(args: argparse.Namespace) -> MemsafeSettings:
