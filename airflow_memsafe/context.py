@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC
 from typing import Any
 
-from airflow_memsafe.storage.identifiers import snapshot_of, validate_snapshot
+from airflow_memsafe.identifiers import snapshot_of, validate_snapshot
 
 __all__ = ["is_template", "run_date", "run_snapshot"]
 

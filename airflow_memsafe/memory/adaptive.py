@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Protocol
 
 from airflow_memsafe.memory.cleanup import release_memory
 from airflow_memsafe.memory.monitor import (
@@ -12,11 +12,19 @@ from airflow_memsafe.memory.monitor import (
     MemoryMonitor,
     MemorySample,
 )
-from airflow_memsafe.osm.batching import MicroBatch
 
-__all__ = ["PressureGuard"]
+__all__ = ["PressureGuard", "ResizableBatch"]
 
 log = logging.getLogger(__name__)
+
+
+class ResizableBatch(Protocol):
+    """What the guard needs of a micro-batch (the engine's ``MicroBatch``): a size it may
+    change, and a flush."""
+
+    size: int
+
+    def flush(self) -> None: ...
 
 
 class PressureGuard:
@@ -32,7 +40,7 @@ class PressureGuard:
     def __init__(
         self,
         monitor: MemoryMonitor,
-        batch: MicroBatch[Any],
+        batch: ResizableBatch,
         *,
         feature_type: str,
         floor: int,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.features import FeatureType
-from airflow_memsafe.memory import release_memory
+from airflow_memsafe.memory import memory_monitor, release_memory
 from airflow_memsafe.memory.monitor import MemoryMonitor
 from airflow_memsafe.osm.geodesy import bbox_area_km2
 from airflow_memsafe.osm.source import PbfSource, boundary_area_km2, open_pbf
@@ -44,17 +44,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def memory_monitor(settings: MemsafeSettings) -> MemoryMonitor:
-    """A monitor configured from ``settings`` (not started: the engine samples itself)."""
-    return MemoryMonitor(
-        limit_mb=settings.memory_limit_mb,
-        warning_pct=settings.warning_pct,
-        critical_pct=settings.critical_pct,
-        hard_limit_pct=settings.hard_limit_pct,
-        interval_s=settings.sample_interval_s,
-    )
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ at the default 200 classes), whatever the number of features.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from airflow_memsafe.features import FeatureType, GeometryKind
+from airflow_memsafe.model import FeatureResult
 from airflow_memsafe.osm.geodesy import geodesic_areas_m2, geodesic_lengths_m, geometries_from_wkb
 
 __all__ = [
@@ -34,29 +35,6 @@ OTHER_CLASS = "__other__"
 Feature = tuple[str, str]
 #: Stands for "no geometry built": point features counted where they are read.
 NO_WKB = ""
-
-
-@dataclass
-class FeatureResult:
-    """Metrics of one feature type over one region: what becomes one fact row."""
-
-    feature_type: str
-    geometry_kind: str
-    feature_count: int
-    length_km: float | None
-    area_km2: float | None
-    skipped_count: int
-    class_counts: dict[str, int]
-    region_area_km2: float | None
-    density_per_km2: float | None
-    objects_seen: int
-    duration_s: float
-    peak_memory_mb: float
-    node_index: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from psycopg import sql
 
-from airflow_memsafe.osm.extract import FeatureResult
+from airflow_memsafe.model import FactRow, FeatureResult, Lineage
 from airflow_memsafe.storage.ddl import ensure_relations
 from airflow_memsafe.storage.identifiers import (
     validate_identifier,
@@ -23,7 +21,7 @@ from airflow_memsafe.storage.identifiers import (
     validate_snapshot,
 )
 
-__all__ = ["FACT_COLUMNS", "FactRow", "FactTable", "Lineage"]
+__all__ = ["FACT_COLUMNS", "FactRow", "FactTable", "FeatureResult", "Lineage", "row_values"]
 
 DEFAULT_TABLE = "fact_geo_region_features"
 
@@ -64,52 +62,32 @@ def where_equal(columns: dict[str, Any]) -> tuple[sql.Composable, list[Any]]:
     return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions), list(given.values())
 
 
-@dataclass(frozen=True)
-class Lineage:
-    """Where a row came from: the input file and the Airflow task that wrote it."""
-
-    source_file: str | None = None
-    source_size_bytes: int | None = None
-    source_sha256: str | None = None
-    source_timestamp: datetime | None = None
-    dag_id: str | None = None
-    run_id: str | None = None
-    task_id: str | None = None
-
-
-@dataclass(frozen=True)
-class FactRow:
-    """One row: the metrics of one feature type for one region and snapshot."""
-
-    region_id: str
-    snapshot: str
-    result: FeatureResult
-    lineage: Lineage
-
-    def values(self) -> dict[str, Any]:
-        r, li = self.result, self.lineage
-        return {
-            "region_id": validate_region_id(self.region_id),
-            "feature_type": r.feature_type,
-            "snapshot": validate_snapshot(self.snapshot),
-            "geometry_kind": r.geometry_kind,
-            "feature_count": r.feature_count,
-            "length_km": r.length_km,
-            "area_km2": r.area_km2,
-            "skipped_count": r.skipped_count,
-            "region_area_km2": r.region_area_km2,
-            "density_per_km2": r.density_per_km2,
-            "class_counts": json.dumps(r.class_counts, ensure_ascii=False),
-            "source_file": li.source_file,
-            "source_size_bytes": li.source_size_bytes,
-            "source_sha256": li.source_sha256,
-            "source_timestamp": li.source_timestamp,
-            "dag_id": li.dag_id,
-            "run_id": li.run_id,
-            "task_id": li.task_id,
-            "duration_s": r.duration_s,
-            "peak_memory_mb": r.peak_memory_mb,
-        }
+def row_values(row: FactRow) -> dict[str, Any]:
+    """The column values of ``row`` (region id and snapshot validated), as the upsert binds
+    them."""
+    r, li = row.result, row.lineage
+    return {
+        "region_id": validate_region_id(row.region_id),
+        "feature_type": r.feature_type,
+        "snapshot": validate_snapshot(row.snapshot),
+        "geometry_kind": r.geometry_kind,
+        "feature_count": r.feature_count,
+        "length_km": r.length_km,
+        "area_km2": r.area_km2,
+        "skipped_count": r.skipped_count,
+        "region_area_km2": r.region_area_km2,
+        "density_per_km2": r.density_per_km2,
+        "class_counts": json.dumps(r.class_counts, ensure_ascii=False),
+        "source_file": li.source_file,
+        "source_size_bytes": li.source_size_bytes,
+        "source_sha256": li.source_sha256,
+        "source_timestamp": li.source_timestamp,
+        "dag_id": li.dag_id,
+        "run_id": li.run_id,
+        "task_id": li.task_id,
+        "duration_s": r.duration_s,
+        "peak_memory_mb": r.peak_memory_mb,
+    }
 
 
 class FactTable:
@@ -164,7 +142,7 @@ class FactTable:
             "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}, loaded_at = now()"
         ).format(self.ident, cols, params, sql.SQL(", ").join(map(sql.Identifier, _KEY)), updates)
         with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(statement, (row.values() for row in rows))
+            cur.executemany(statement, (row_values(row) for row in rows))
 
     def counts_query(
         self, region_id: str, snapshot: str, source_sha256: str | None = None
