@@ -77,7 +77,7 @@ class FactTableLocation:
 
     @classmethod
     def of_connection(cls, conn: Any, schema: str, table: str) -> FactTableLocation:
-        """From an open psycopg connection (``conn.info``): what the task really wrote to."""
+        """From an open database connection (``conn.info``): what the task really wrote to."""
         info = conn.info
         return cls(info.host, int(info.port), info.dbname, schema, table)
 

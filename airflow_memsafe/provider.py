@@ -53,6 +53,22 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_memsafe.triggers.rows_landed"],
             }
         ],
+        "hooks": [
+            {
+                "integration-name": "OpenStreetMap",
+                "python-modules": ["airflow_memsafe.hooks"],
+            }
+        ],
+        # Its own type, so the postgres provider's stays registered alone; connections are
+        # looked up by id, so a plain ``postgres`` connection works with the hook as well.
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_memsafe.hooks.OsmFactsHook",
+                "hook-name": "OSM facts (PostgreSQL)",
+                "connection-type": "memsafe_facts",
+                "ui-field-behaviour": {"relabeling": {"schema": "Database"}},
+            }
+        ],
         # Generated from the fields of MemsafeSettings (airflow_memsafe.config).
         "config": provider_config(),
     }

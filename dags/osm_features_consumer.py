@@ -52,7 +52,7 @@ with DAG(
         """One summary per (region, snapshot) named by the asset events; the latest event's
         when the run was triggered by hand."""
         from airflow_memsafe.assets import parse_fact_table_uri
-        from airflow_memsafe.hooks import connect_facts_db
+        from airflow_memsafe.hooks import OsmFactsHook
         from airflow_memsafe.storage import FactTable
 
         events = list(triggering_asset_events[FACTS]) if triggering_asset_events else []
@@ -67,11 +67,11 @@ with DAG(
         for event in events:
             extra = event.extra or {}
             conn_id = extra.get("postgres_conn_id") or (params or {}).get("conn_id", "osm_facts")
-            conn = connect_facts_db(conn_id)
+            hook = OsmFactsHook(postgres_conn_id=conn_id, fact_table=table)
             try:
-                rows = table.rows(conn, extra["region_id"], extra["snapshot"])
+                rows = hook.fact_rows(extra["region_id"], extra["snapshot"])
             finally:
-                conn.close()
+                hook.close()
             print(
                 f"{table.qualified_name}: region {extra['region_id']}, snapshot "
                 f"{extra['snapshot']} — {len(rows)} rows (event from {event.source_dag_id}."

@@ -77,19 +77,17 @@ with DAG(
     @task.short_circuit
     def new_snapshot(state: dict[str, Any], params: dict[str, Any] | None = None) -> bool:
         """False (skip the rest) when every type's row of this replication state landed."""
-        import psycopg
-
-        from airflow_memsafe.hooks import connect_facts_db
+        from airflow_memsafe.hooks import OsmFactsHook
         from airflow_memsafe.storage import FactTable
 
         assert params is not None
-        conn = connect_facts_db(params["conn_id"])
-        try:
-            landed = FactTable(SCHEMA).counts(conn, params["region_id"], state["snapshot"])
-        except psycopg.errors.UndefinedTable:  # the first run: nothing landed yet
-            landed = {}
+        hook = OsmFactsHook(postgres_conn_id=params["conn_id"], fact_table=FactTable(SCHEMA))
+        try:  # the first run: no table yet, nothing landed
+            landed = hook.landed_counts(
+                params["region_id"], state["snapshot"], table_may_be_missing=True
+            )
         finally:
-            conn.close()
+            hook.close()
         missing = [t for t in TYPES if t not in landed]
         print(
             f"sequence {state['sequence']} ({state['timestamp']}), {state['applied']} diff(s) "
@@ -132,19 +130,16 @@ with DAG(
         outlet_events: Any = None,
     ) -> dict[str, Any]:
         """One asset event per new snapshot, and the trend against the previous one."""
-        from airflow_memsafe.hooks import connect_facts_db
+        from airflow_memsafe.hooks import OsmFactsHook
         from airflow_memsafe.storage import FactTable
-        from airflow_memsafe.storage.trends import TrendsView
 
         assert params is not None
-        conn = connect_facts_db(params["conn_id"])
+        hook = OsmFactsHook(postgres_conn_id=params["conn_id"], fact_table=FactTable(SCHEMA))
         try:
-            counts = FactTable(SCHEMA).counts(conn, params["region_id"], state["snapshot"])
-            view = TrendsView(SCHEMA)
-            view.ensure(conn)
-            trends = view.rows(conn, params["region_id"], snapshot=state["snapshot"])
+            counts = hook.landed_counts(params["region_id"], state["snapshot"])
+            trends = hook.trends(params["region_id"], state["snapshot"])
         finally:
-            conn.close()
+            hook.close()
         for row in trends:
             change = row["feature_count_change"]
             print(

@@ -13,7 +13,8 @@ __all__ = ["OsmFactsExportOperator"]
 
 
 class OsmFactsExportOperator(BaseOperator):
-    """Export fact rows to CSV or Parquet through ``PostgresHook``, ``chunk_size`` rows at a
+    """Export fact rows to CSV or Parquet through :class:`~airflow_memsafe.hooks.OsmFactsHook`,
+    ``chunk_size`` rows at a
     time from a server-side cursor (the same code as ``airflow-memsafe export``).
 
     Memory: one chunk (about ``chunk_size`` × 1 KB for fact rows) plus the writer, whatever
@@ -79,15 +80,11 @@ class OsmFactsExportOperator(BaseOperator):
         export_query(table, schema=schema, fact_table=fact_table)  # validates names, no I/O
 
     def execute(self, context: Context) -> dict[str, Any]:
-        import psycopg
+        from airflow_memsafe.hooks import OsmFactsHook
 
-        from airflow_memsafe.hooks import connect_facts_db, describe_db_error
-        from airflow_memsafe.storage.export import export_table
-
-        conn = connect_facts_db(self.postgres_conn_id)
+        hook = OsmFactsHook(postgres_conn_id=self.postgres_conn_id)
         try:
-            report = export_table(
-                conn,
+            report = hook.export(
                 self.out_path,
                 self.file_format,
                 self.table,
@@ -99,9 +96,7 @@ class OsmFactsExportOperator(BaseOperator):
                 dag_id=self.dag_id_filter or None,
                 run_id=self.run_id_filter or None,
             )
-        except psycopg.Error as exc:
-            raise describe_db_error(self.postgres_conn_id, exc) from None
         finally:
-            conn.close()
+            hook.close()
         self.log.info("%s", report)
         return report.to_dict()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,36 +13,19 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_memsafe.assets import FactTableLocation, parse_fact_table_uri
 from airflow_memsafe.config import MemsafeSettings, parse_bool, take_settings
 from airflow_memsafe.context import is_template, run_snapshot
-from airflow_memsafe.errors import (
-    FeatureExtractionFailed,
-    InvalidPbfError,
-    PermanentError,
-    is_permanent,
-    one_line,
-)
+from airflow_memsafe.errors import FeatureExtractionFailed, PermanentError, is_permanent, one_line
 from airflow_memsafe.features import FeatureType, load_types_module, resolve_feature_types
-from airflow_memsafe.hooks import (
-    FactsDatabaseError,
-    connect_facts_db,
-    describe_db_error,
-    live_connection,
-)
+from airflow_memsafe.hooks import OsmFactsHook
+from airflow_memsafe.identifiers import validate_region_id, validate_snapshot
 from airflow_memsafe.lineage import ExtractLineage, operator_lineage
-from airflow_memsafe.memory import release_memory
-from airflow_memsafe.memory.monitor import MemoryMonitor, MemorySample
-from airflow_memsafe.memory.slots import concurrency_slot
-from airflow_memsafe.osm.extract import (
-    FeatureResult,
-    density_area,
-    extract_pass,
-    memory_monitor,
-)
+from airflow_memsafe.memory.monitor import MemoryMonitor
+from airflow_memsafe.model import FactRow, FeatureResult, Lineage
+from airflow_memsafe.operators._type_loop import LoopOutcome, RowKey, RowTarget, TypeLoop
+from airflow_memsafe.osm.extract import DensityArea, density_area, extract_pass
 from airflow_memsafe.osm.source import PbfSource, open_pbf
-from airflow_memsafe.storage import FactRow, FactTable, Lineage, validate_region_id
-from airflow_memsafe.storage.identifiers import validate_snapshot
-from airflow_memsafe.storage.metrics import MetricsSink
+from airflow_memsafe.storage import FactTable
 
-__all__ = ["MAX_XCOM_BYTES", "OsmFeatureExtractOperator"]
+__all__ = ["MAX_XCOM_BYTES", "OneRegion", "OsmFeatureExtractOperator"]
 
 #: Upper bound on the serialized XCom this operator pushes: counts only, never features.
 MAX_XCOM_BYTES = 4096
@@ -166,7 +148,6 @@ class OsmFeatureExtractOperator(BaseOperator):
         self.allow_partial = allow_partial
         self.record_memory_metrics = record_memory_metrics
         self.setting_overrides = setting_overrides
-        self._conn: Any = None
         self._lineage: ExtractLineage | None = None  # for OpenLineage, set by execute()
         # Fail at DAG parse time for what is already known: unknown or duplicate types,
         # a malformed region id, impossible settings.
@@ -224,135 +205,81 @@ class OsmFeatureExtractOperator(BaseOperator):
             raise AirflowFailException(f"{type(exc).__name__}: {one_line(exc, 2000)}") from None
 
     def _execute(self, context: Context) -> dict[str, Any]:
+        """The recipe: resolve the inputs, open the hook, run the per-type loop, push counts."""
         types = self._types()
         region_id = validate_region_id(self.region_id)
         snapshot = run_snapshot(context, self.snapshot)
-        settings = MemsafeSettings.resolve(self.setting_overrides, _airflow_conf_lookup)
+        settings = self._settings()
         reprocess = parse_bool(self.reprocess, "reprocess")
         single_pass = parse_bool(self.single_pass, "single_pass")
         ti = context["ti"]
-        monitor = memory_monitor(settings)
-        sink = self._metrics_sink(ti, monitor) if self.record_memory_metrics else None
-        monitor.register_warning_callback(self._log_pressure)
-        monitor.register_critical_callback(self._log_pressure)
-        try:
-            with concurrency_slot(settings.max_concurrency, lock_dir=settings.slots_dir), monitor:
-                with monitor.labelled("setup"):
-                    source = open_pbf(self.pbf_path)
-                    area = self._prepare(source)
-                    lineage = Lineage(
-                        source_file=source.name,
-                        source_size_bytes=source.size_bytes,
-                        source_sha256=source.sha256,
-                        source_timestamp=source.replication_timestamp,
-                        dag_id=ti.dag_id,
-                        run_id=ti.run_id,
-                        task_id=ti.task_id,
-                    )
-                    self.log.info(
-                        "Extracting %s from %s (%.1f MB) for region %s, snapshot %s into %s; "
-                        "memory limit %.0f MB (%s)",
-                        ", ".join(ft.name for ft in types),
-                        source.path,
-                        source.size_mb,
-                        region_id,
-                        snapshot,
-                        self.fact_table.qualified_name,
-                        monitor.sample().limit_mb,
-                        monitor.last.reading.source if monitor.last else "?",
-                    )
-                    self._conn = connect_facts_db(self.postgres_conn_id)
-                    if sink is not None:
-                        sink.held = False
-                try:
-                    self._ensure_table()
-                    location = self._check_connection_matches_asset()
-                    landed = {} if reprocess else self._landed(region_id, snapshot, source.sha256)
-                    counts, failed, retryable = self._run_types(
-                        types,
-                        _Pass(source, settings, monitor, area),
-                        sink,
-                        _Target(region_id, snapshot, lineage),
-                        landed,
-                        single_pass,
-                    )
-                finally:
-                    self._conn.close()
-        finally:
-            if sink is not None:
-                sink.close()
-
-        resumed = sorted(set(counts) & set(landed))
+        hook = OsmFactsHook(postgres_conn_id=self.postgres_conn_id, fact_table=self.fact_table)
+        ids = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id}
+        with TypeLoop(hook, settings, self.log, snapshot_ids=self._snapshot_ids(ids)) as loop:
+            with loop.monitor.labelled("setup"):
+                source = open_pbf(self.pbf_path)
+                target = self._target(source)
+                self._log_start(types, source, region_id, snapshot, loop.monitor)
+                loop.connect()
+            hook.ensure_tables()
+            location = self._check_connection_matches_asset(hook)
+            landed = {} if reprocess else self._landed(hook, region_id, snapshot, source)
+            key = RowKey(region_id, snapshot, _lineage(source, ids))
+            done = loop.run(types, source, target, key, landed, single_pass)
         self._lineage = ExtractLineage(
             pbf_path=str(source.path),
             pbf_size_bytes=source.size_bytes,
             pbf_sha256=source.sha256,
             output=location,
-            rows_written=len(counts) - len(resumed),
+            rows_written=len(done.counts) - len(done.resumed),
         )
-        payload = {
-            "region_id": region_id,
-            "snapshot": snapshot,
-            "counts": counts,
-            "failed": sorted(failed),
-            "resumed": resumed,
-        }
-        size = len(json.dumps(payload).encode())
-        if size > MAX_XCOM_BYTES:
-            raise ValueError(f"XCom payload is {size} bytes, over the {MAX_XCOM_BYTES} limit")
-        if failed:
-            error = FeatureExtractionFailed(failed, list(counts), permanent=not retryable)
-            if not self.allow_partial:
-                ti.xcom_push(key="return_value", value=payload)
-                raise error
-            self.log.warning("allow_partial: succeeding despite %s", error)
-        if self.fact_asset is not None:  # the asset event the scheduler hands to consumers
-            extra: dict[str, Any] = {
-                "region_id": region_id,
-                "snapshot": snapshot,
-                "counts": counts,
-                "postgres_conn_id": self.postgres_conn_id,
-            }
-            context["outlet_events"][self.fact_asset].extra = extra
-        return payload
+        return self._push(context, region_id, snapshot, done)
 
-    def _metrics_sink(self, ti: Any, monitor: MemoryMonitor) -> MetricsSink:
-        sink = MetricsSink(
-            lambda: connect_facts_db(self.postgres_conn_id),
-            schema=self.schema,
-            dag_id=ti.dag_id,
-            run_id=ti.run_id,
-            task_id=ti.task_id,
-        )
-        sink.held = True  # until the task's own connection worked
-        monitor.register_sample_callback(sink.on_sample)
-        return sink
+    def _settings(self) -> MemsafeSettings:
+        """The engine settings: the operator's, else ``[memsafe]`` / ``AIRFLOW__MEMSAFE__*``."""
+        return MemsafeSettings.resolve(self.setting_overrides, _airflow_conf_lookup)
 
-    def _log_pressure(self, sample: MemorySample) -> None:
-        self.log.warning(
-            "Memory %s: working set %.0f MB = %.0f%% of %.0f MB (%s %s)",
-            sample.level.name,
-            sample.working_set_mb,
-            sample.percent,
-            sample.limit_mb,
-            sample.stage,
-            sample.operation,
+    def _snapshot_ids(self, ids: dict[str, str]) -> dict[str, str] | None:
+        """Whose memory snapshots go to ``pipeline_metrics`` (None: not recorded)."""
+        return ids if self.record_memory_metrics else None
+
+    def _target(self, source: PbfSource) -> RowTarget:
+        """Where the rows of this task go, once the PBF is open: one region, with its density
+        area. The many-regions operator asks for its regions instead."""
+        return OneRegion(density_area(source, self.boundary_path))
+
+    def _landed(
+        self, hook: OsmFactsHook, region_id: str, snapshot: str, source: PbfSource
+    ) -> dict[str, int]:
+        """Counts of the rows already written for this region, snapshot and input file."""
+        if source.sha256 is None:
+            return {}
+        return hook.landed_counts(region_id, snapshot, source.sha256)
+
+    def _log_start(
+        self,
+        types: list[FeatureType],
+        source: PbfSource,
+        region_id: str,
+        snapshot: str,
+        monitor: MemoryMonitor,
+    ) -> None:
+        self.log.info(
+            "Extracting %s from %s (%.1f MB) for region %s, snapshot %s into %s; "
+            "memory limit %.0f MB (%s)",
+            ", ".join(ft.name for ft in types),
+            source.path,
+            source.size_mb,
+            region_id,
+            snapshot,
+            self.fact_table.qualified_name,
+            monitor.sample().limit_mb,
+            monitor.last.reading.source if monitor.last else "?",
         )
 
-    def _ensure_table(self) -> None:
-        import psycopg
-
-        try:
-            self.fact_table.ensure(self._conn)
-        except psycopg.Error as exc:
-            doing = f"creating table {self.fact_table.qualified_name}"
-            raise describe_db_error(self.postgres_conn_id, exc, doing) from None
-
-    def _check_connection_matches_asset(self) -> FactTableLocation:
+    def _check_connection_matches_asset(self, hook: OsmFactsHook) -> FactTableLocation:
         """Where the rows really go; warns when ``fact_asset`` names another database."""
-        location = FactTableLocation.of_connection(
-            self._conn, self.fact_table.schema, self.fact_table.table
-        )
+        location: FactTableLocation = hook.fact_table_location()
         if self.fact_asset is not None and parse_fact_table_uri(self.fact_asset.uri) != (
             parse_fact_table_uri(location.uri)
         ):
@@ -365,208 +292,76 @@ class OsmFeatureExtractOperator(BaseOperator):
             )
         return location
 
-    def _landed(self, region_id: str, snapshot: str, source_sha256: str | None) -> dict[str, int]:
-        """Counts of the rows already written for this region, snapshot and input file."""
-        import psycopg
-
-        if source_sha256 is None:
-            return {}
-        try:
-            return self.fact_table.counts(self._conn, region_id, snapshot, source_sha256)
-        except psycopg.Error as exc:
-            doing = f"reading the rows already in {self.fact_table.qualified_name}"
-            raise describe_db_error(self.postgres_conn_id, exc, doing) from None
-
-    def _prepare(self, source: PbfSource) -> Any:
-        """Per-task preparation once the PBF is open; returns what :meth:`_read` needs for
-        densities (the density area). A hook: the many-regions operator loads its regions
-        here."""
-        return density_area(source, self.boundary_path)
-
-    def _read(self, types: list[FeatureType], run: _Pass) -> tuple[dict[str, Any], dict]:
-        """One read of the PBF for ``types``: per type its outcome (what :meth:`_store`
-        writes), and the exception of each type that failed alone. A hook: the many-regions
-        operator splits each type over its regions."""
-        return extract_pass(run.source, types, run.settings, area=run.area, monitor=run.monitor)
-
-    def _store(self, ft: FeatureType, outcome: Any, target: _Target) -> tuple[Any, str]:
-        """Write and commit one type's row(s): (XCom count, log summary). A hook: the
-        many-regions operator writes one row per region."""
-        result: FeatureResult = outcome
-        self._write(FactRow(target.region_id, target.snapshot, result, target.lineage))
-        summary = (
-            f"{result.feature_count} features ({result.skipped_count} skipped), "
-            f"{_metric_text(result)}, density area {result.region_area_km2 or 0:.3f} km² "
-            f"({result.extra.get('area_source', '?')})"
-        )
-        return result.feature_count, summary
-
-    def _run_types(
-        self,
-        types: list[FeatureType],
-        run: _Pass,
-        sink: MetricsSink | None,
-        target: _Target,
-        landed: Mapping[str, int],
-        single_pass: bool,
-    ) -> tuple[dict[str, int], dict[str, str], set[str]]:
-        """Read (one read per type, or one for all with ``single_pass``), then per type:
-        write and commit its row, free memory. Failures are isolated per type. Types in
-        ``landed`` (rows from the same input file) are not recomputed.
-
-        Returns counts, failures (type → one-line error) and the failed types a retry could
-        fix. A broken file or an unreachable database fails every later type at once, without
-        reading the PBF again (the database is checked with a cheap query before each read).
-        """
-        counts: dict[str, int] = {}
-        failed: dict[str, str] = {}
-        retryable: set[str] = set()
-        pending = []
-        for ft in types:
-            if ft.name in landed:
-                counts[ft.name] = landed[ft.name]
-                self.log.info(
-                    "skipping %s: row already landed for this snapshot and source hash "
-                    "(%d features; reprocess=True recomputes it)",
-                    ft.name,
-                    landed[ft.name],
-                )
-            else:
-                pending.append(ft)
-        groups = [pending] if single_pass and pending else [[ft] for ft in pending]
-        fatal: str | None = None  # why no later type can succeed in this attempt
-        for i, group in enumerate(groups):
-            names = [ft.name for ft in group]
-            if fatal is None:
-                try:
-                    self._conn = live_connection(self._conn, self.postgres_conn_id)
-                except FactsDatabaseError as exc:
-                    fatal = f"{type(exc).__name__}: {exc}"
-                    retryable.update(ft.name for g in groups[i:] for ft in g)
-            if fatal is not None:
-                for name in names:
-                    failed[name] = fatal
-                    self.log.error("%s not attempted: %s", name, fatal)
-                continue
-            fatal = self._run_group(group, run, sink, target, counts, failed, retryable)
-        return counts, failed, retryable
-
-    def _run_group(
-        self,
-        group: list[FeatureType],
-        run: _Pass,
-        sink: MetricsSink | None,
-        target: _Target,
-        counts: dict[str, int],
-        failed: dict[str, str],
-        retryable: set[str],
-    ) -> str | None:
-        """One read for ``group``, then each type's write; returns the error that makes
-        later reads pointless (a corrupt file), else None."""
-        monitor = run.monitor
-        names = [ft.name for ft in group]
-        label = names[0] if len(group) == 1 else "single_pass"
-        started = time.perf_counter()
-        fatal: str | None = None
-        with monitor.labelled("extract", label):
-            before = monitor.sample()
-            if sink is not None:
-                sink.record(before, "type_start")
-            try:
-                outcomes, errors = self._read(group, run)
-            except Exception as exc:  # the whole read failed: every type of it
-                outcomes, errors = {}, dict.fromkeys(names, exc)
-                if isinstance(exc, InvalidPbfError):  # every later read would fail alike
-                    fatal = f"{type(exc).__name__}: {exc}"
-            read_s = time.perf_counter() - started
-            written: dict[str, str] = {}
-            for ft in group:
-                error = errors.get(ft.name)
-                if error is None:
-                    try:
-                        with monitor.labelled("write", ft.name):
-                            counts[ft.name], written[ft.name] = self._store(
-                                ft, outcomes[ft.name], target
-                            )
-                    except Exception as exc:  # one type's failure must not stop the others
-                        error = exc
-                if error is not None:
-                    failed[ft.name] = f"{type(error).__name__}: {error}"
-                    if not is_permanent(error):
-                        retryable.add(ft.name)
-                    self.log.error("%s failed after %.1f s: %s", ft.name, read_s, error)
-            outcomes.clear()  # free the results before measuring what is left
-            peak_mb = monitor.peak_working_set_mb
-            with monitor.labelled("cleanup"):
-                if run.settings.force_gc:
-                    release_memory()
-                after = monitor.sample()
-            if sink is not None:
-                sink.record(after, "type_end")
-                sink.flush()
-        shared = f" (one read for {', '.join(names)})" if len(group) > 1 else ""
-        for name, summary in written.items():
-            self.log.info(
-                "%s: read %.2f s%s (the row's duration_s), %s; %.2f s in all with writes and "
-                "cleanup, working set before %.0f / peak %.0f / after %.0f MB (freed %.0f MB) "
-                "— row committed",
-                name,
-                read_s,
-                shared,
-                summary,
-                time.perf_counter() - started,
-                before.working_set_mb,
-                peak_mb,
-                after.working_set_mb,
-                max(0.0, peak_mb - after.working_set_mb),
+    def _push(
+        self, context: Context, region_id: str, snapshot: str, done: LoopOutcome
+    ) -> dict[str, Any]:
+        """The XCom payload (counts only, checked < 4 KB); fails the task naming the failed
+        types unless ``allow_partial``; the asset event's extra."""
+        payload = {
+            "region_id": region_id,
+            "snapshot": snapshot,
+            "counts": done.counts,
+            "failed": sorted(done.failed),
+            "resumed": done.resumed,
+        }
+        size = len(json.dumps(payload).encode())
+        if size > MAX_XCOM_BYTES:
+            raise ValueError(f"XCom payload is {size} bytes, over the {MAX_XCOM_BYTES} limit")
+        if done.failed:
+            error = FeatureExtractionFailed(
+                done.failed, list(done.counts), permanent=not done.retryable
             )
-        return fatal
-
-    def _write(self, row: FactRow | Sequence[FactRow]) -> None:
-        """Upsert and commit one row (or one type's rows of many regions, in one
-        transaction); reconnects when the connection was lost meanwhile.
-
-        A connection dropped while idle (server restart, failover, idle timeout) is only
-        noticed when used, so a write that fails on a broken connection is retried once on a
-        new one: the upsert is one transaction (nothing or all of it committed) and
-        idempotent, so writing again can never leave a partial or duplicated row.
-        """
-        import psycopg
-
-        rows = [row] if isinstance(row, FactRow) else list(row)
-        for attempt in (1, 2):
-            if self._conn.closed or self._conn.broken:
-                self._conn = connect_facts_db(self.postgres_conn_id)
-            try:
-                self.fact_table.upsert_many(self._conn, rows)
-                return
-            except psycopg.Error as exc:
-                if attempt == 1 and self._conn.broken:
-                    lost = describe_db_error(self.postgres_conn_id, exc)
-                    self.log.warning(
-                        "%s; reconnecting and writing %s again", lost, rows[0].result.feature_type
-                    )
-                    continue
-                raise describe_db_error(self.postgres_conn_id, exc) from None
+            if not self.allow_partial:
+                context["ti"].xcom_push(key="return_value", value=payload)
+                raise error
+            self.log.warning("allow_partial: succeeding despite %s", error)
+        if self.fact_asset is not None:  # the asset event the scheduler hands to consumers
+            extra: dict[str, Any] = {
+                "region_id": region_id,
+                "snapshot": snapshot,
+                "counts": done.counts,
+                "postgres_conn_id": self.postgres_conn_id,
+            }
+            context["outlet_events"][self.fact_asset].extra = extra
+        return payload
 
 
 @dataclass(frozen=True)
-class _Pass:
-    """What every read of a task shares."""
+class OneRegion:
+    """The one-region target: one read over the whole file, one row per type."""
 
-    source: PbfSource
-    settings: MemsafeSettings
-    monitor: MemoryMonitor
-    area: Any  # the density area, or the many-regions operator's regions
+    area: DensityArea
+
+    def read(
+        self,
+        source: PbfSource,
+        types: list[FeatureType],
+        settings: MemsafeSettings,
+        monitor: MemoryMonitor,
+    ) -> tuple[dict[str, FeatureResult], dict[str, BaseException]]:
+        return extract_pass(source, types, settings, area=self.area, monitor=monitor)
+
+    def rows(
+        self, ft: FeatureType, outcome: FeatureResult, key: RowKey
+    ) -> tuple[list[FactRow], int, str]:
+        summary = (
+            f"{outcome.feature_count} features ({outcome.skipped_count} skipped), "
+            f"{_metric_text(outcome)}, density area {outcome.region_area_km2 or 0:.3f} km² "
+            f"({outcome.extra.get('area_source', '?')})"
+        )
+        row = FactRow(key.region_id, key.snapshot, outcome, key.lineage)
+        return [row], outcome.feature_count, summary
 
 
-@dataclass(frozen=True)
-class _Target:
-    """Where a task's rows go: their key and lineage."""
-
-    region_id: str
-    snapshot: str
-    lineage: Lineage
+def _lineage(source: PbfSource, ids: Mapping[str, str]) -> Lineage:
+    """The lineage of a task's rows: the input file and the task."""
+    return Lineage(
+        source_file=source.name,
+        source_size_bytes=source.size_bytes,
+        source_sha256=source.sha256,
+        source_timestamp=source.replication_timestamp,
+        **ids,
+    )
 
 
 def _metric_text(result: Any) -> str:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.context import is_template
 from airflow_memsafe.features import FeatureType, GeometryKind
-from airflow_memsafe.hooks import connect_facts_db
+from airflow_memsafe.hooks import OsmFactsHook
+from airflow_memsafe.identifiers import validate_identifier
+from airflow_memsafe.memory.monitor import MemoryMonitor
+from airflow_memsafe.model import FactRow
+from airflow_memsafe.operators._type_loop import RowKey, RowTarget
 from airflow_memsafe.operators.extract import OsmFeatureExtractOperator
 from airflow_memsafe.osm.regions import (
     Regions,
@@ -16,7 +22,7 @@ from airflow_memsafe.osm.regions import (
     load_regions,
     split_table_name,
 )
-from airflow_memsafe.storage import FactRow, validate_identifier
+from airflow_memsafe.osm.source import PbfSource
 
 __all__ = ["OsmRegionsExtractOperator"]
 
@@ -43,9 +49,10 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
     Memory: one type's working set as for one region, plus the region polygons and
     per-region accumulators (see :mod:`airflow_memsafe.osm.regions`).
 
-    Every row of a type is recomputed and replaced on every run (``reprocess`` has no effect:
-    no per-type resume for regions). ``boundary_path`` does not apply: each region's own
-    polygon gives its area and densities.
+    Every row of a type is recomputed and replaced on every run: there is no per-type resume
+    for regions (the XCom's ``placed`` and ``outside`` are not in the rows), so ``reprocess``
+    is not a parameter here. ``boundary_path`` does not apply: each region's own polygon
+    gives its area and densities.
 
     :param regions_path: GeoJSON FeatureCollection of the regions (templated).
     :param regions_table: or a table ``schema.table`` holding them (templated).
@@ -56,11 +63,12 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
     :param repair_invalid: repair invalid polygons with ``make_valid`` (else reject them).
     :param regions_label: name of this set of regions in logs, XCom (``region_id``) and
         asset events; the rows carry each region's own id.
-    Other parameters: as :class:`OsmFeatureExtractOperator` (without ``region_id``).
+    Other parameters: as :class:`OsmFeatureExtractOperator` (without ``region_id``,
+    ``reprocess`` and ``boundary_path``).
     """
 
     template_fields: Sequence[str] = (
-        *OsmFeatureExtractOperator.template_fields,
+        *(f for f in OsmFeatureExtractOperator.template_fields if f != "reprocess"),
         "regions_path",
         "regions_table",
         "region_id_property",
@@ -83,9 +91,13 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
     ) -> None:
         if "region_id" in kwargs:
             raise TypeError("OsmRegionsExtractOperator takes region ids from the regions input")
+        if "reprocess" in kwargs:
+            raise TypeError(
+                "OsmRegionsExtractOperator recomputes every type on every run: no reprocess"
+            )
         if kwargs.get("boundary_path"):
             raise ValueError("boundary_path does not apply: each region's polygon is its area")
-        super().__init__(region_id=regions_label, **kwargs)
+        super().__init__(region_id=regions_label, reprocess=True, **kwargs)
         if (regions_path is None) == (regions_table is None):
             raise ValueError("give exactly one of regions_path and regions_table")
         if regions_table is not None and not is_template(regions_table):
@@ -97,27 +109,26 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
         self.geometry_column = validate_identifier(geometry_column, "column name")
         self.regions_conn_id = regions_conn_id
         self.repair_invalid = repair_invalid
-        self._regions: Regions | None = None
 
     def _load_regions(self) -> Regions:
         if self.regions_path:
             return load_regions(
                 self.regions_path, id_property=self.region_id_property, repair=self.repair_invalid
             )
-        conn = connect_facts_db(self.regions_conn_id or self.postgres_conn_id)
+        hook = OsmFactsHook(postgres_conn_id=self.regions_conn_id or self.postgres_conn_id)
         try:
-            return load_regions(
-                conn=conn,
-                regions_table=self.regions_table,
+            return hook.regions(
+                str(self.regions_table),
                 id_column=self.id_column,
                 geometry_column=self.geometry_column,
                 repair=self.repair_invalid,
             )
         finally:
-            conn.close()
+            hook.close()
 
-    def _prepare(self, source: Any) -> float | None:
-        regions = self._regions = self._load_regions()
+    def _target(self, source: PbfSource) -> RowTarget:
+        """The many-regions target: the regions, loaded now (never at parse time)."""
+        regions = self._load_regions()
         self.log.info(
             "%d regions from %s (total %.3f km²)%s",
             len(regions),
@@ -127,22 +138,30 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
             if regions.repaired
             else "",
         )
-        return None
+        return ManyRegions(regions)
 
-    def _landed(self, region_id: str, snapshot: str, source_sha256: str | None) -> dict[str, int]:
-        return {}  # every type is recomputed over all regions
 
-    def _read(self, types: list[FeatureType], run: Any) -> tuple[dict[str, Any], dict]:
-        assert self._regions is not None, "_prepare loads the regions"
-        return extract_regions_pass(
-            run.source, types, self._regions, run.settings, monitor=run.monitor
-        )
+@dataclass(frozen=True)
+class ManyRegions:
+    """The many-regions target: each read splits the types over the regions, one row per
+    (region, type), a type's rows written in one transaction."""
 
-    def _store(self, ft: FeatureType, outcome: Any, target: Any) -> tuple[Any, str]:
-        result: RegionsPass = outcome
-        rows = [FactRow(rid, target.snapshot, row, target.lineage) for rid, row in result.rows()]
-        self._write(rows)
-        total = float(result.metrics.tally.amount.sum())
+    regions: Regions
+
+    def read(
+        self,
+        source: PbfSource,
+        types: list[FeatureType],
+        settings: MemsafeSettings,
+        monitor: MemoryMonitor,
+    ) -> tuple[dict[str, RegionsPass], dict[str, BaseException]]:
+        return extract_regions_pass(source, types, self.regions, settings, monitor=monitor)
+
+    def rows(
+        self, ft: FeatureType, outcome: RegionsPass, key: RowKey
+    ) -> tuple[list[FactRow], dict[str, int], str]:
+        rows = [FactRow(rid, key.snapshot, row, key.lineage) for rid, row in outcome.rows()]
+        total = float(outcome.sink.tally.amount.sum())
         metric = (
             f"{total / 1000:.3f} km in regions"
             if ft.geometry is GeometryKind.LINE
@@ -150,10 +169,10 @@ class OsmRegionsExtractOperator(OsmFeatureExtractOperator):
             if ft.geometry is GeometryKind.AREA
             else "points"
         )
-        counts = result.summary()
+        counts = outcome.summary()
         summary = (
             f"{counts['regions']} region rows, {counts['features']} region features "
             f"({counts['placed']} distinct, {counts['outside']} outside every region, "
             f"{counts['skipped']} skipped), {metric}"
         )
-        return counts, summary
+        return rows, counts, summary

@@ -1,7 +1,8 @@
 """Many regions in one pass: every feature type is read once and split over all regions.
 
 Regions are polygons with ids (districts, municipalities, grid cells) from a GeoJSON
-FeatureCollection or a PostgreSQL table. Each micro-batch of the engine's stream
+FeatureCollection or the rows of a PostgreSQL table (read by the hook: the engine runs no
+SQL). Each micro-batch of the engine's stream
 (:func:`airflow_memsafe.osm.stream.stream_types`: C++ tag filters, bounded batches,
 memory guard; one read for one type or for all of them) is matched against a shapely
 ``STRtree`` of the regions in one vectorised query, then:
@@ -26,7 +27,7 @@ area of the unsplit ring, as ``pyproj.Geod`` computes it, and a feature near Mon
 in a 20°-wide Pacific box. Lines and areas of the data that cross ±180° are split the same
 way before they are matched (one vectorised ``bounds`` test per batch). Rings winding
 around a pole are refused. Region ids follow the fact table's one rule
-(:func:`~airflow_memsafe.storage.identifiers.validate_region_id`: letters of any script,
+(:func:`~airflow_memsafe.identifiers.validate_region_id`: letters of any script,
 ``Zürich``, NFC).
 
 A line or area crossing a boundary is split, so lengths and areas add up over a partition;
@@ -59,10 +60,10 @@ from shapely.errors import GEOSException, ShapelyError
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.errors import PermanentError, one_line
 from airflow_memsafe.features import FeatureType, GeometryKind
-from airflow_memsafe.memory import release_memory
+from airflow_memsafe.identifiers import validate_identifier, validate_region_id
+from airflow_memsafe.memory import memory_monitor, release_memory
 from airflow_memsafe.memory.monitor import MemoryMonitor
 from airflow_memsafe.osm.antimeridian import needs_split, split, split_crossing, unwrap
-from airflow_memsafe.osm.extract import memory_monitor
 from airflow_memsafe.osm.geodesy import (
     geodesic_areas_m2,
     geodesic_lengths_m,
@@ -79,22 +80,22 @@ from airflow_memsafe.osm.geojson import (
 from airflow_memsafe.osm.source import PbfSource, open_pbf
 from airflow_memsafe.osm.stream import TypeJob, stream_types
 from airflow_memsafe.osm.tally import Feature, FeatureResult, StreamStats, Tally
-from airflow_memsafe.storage.identifiers import validate_identifier, validate_region_id
 
 __all__ = [
     "InvalidRegionsError",
-    "RegionMetrics",
     "Regions",
     "RegionsPass",
+    "RegionsSink",
     "extract_regions",
     "extract_regions_pass",
     "extract_regions_types",
     "grid_geojson",
     "load_regions",
     "read_region_ids",
+    "region_ids_from_rows",
     "regions_from_geojson",
     "regions_from_records",
-    "regions_from_table",
+    "regions_from_rows",
     "split_table_name",
 ]
 
@@ -117,7 +118,7 @@ class InvalidRegionsError(PermanentError, ValueError):
 class Regions:
     """Validated region polygons in input order, with their ids, areas and spatial index.
 
-    Build with :func:`regions_from_geojson`, :func:`regions_from_table` or
+    Build with :func:`regions_from_geojson`, :func:`regions_from_rows` or
     :func:`regions_from_records`. Memory: the polygons + an ``STRtree`` over them.
     """
 
@@ -377,90 +378,36 @@ def split_table_name(table: str) -> tuple[str | None, str]:
     return schema, validate_identifier(parts[-1], "table name")
 
 
-def _table_rows(conn: Any, table: str, *columns: str) -> list[tuple[Any, ...]]:
-    """``SELECT columns FROM table ORDER BY columns[0]``: names validated and quoted."""
-    import psycopg
-    from psycopg import sql
-
-    schema, name = split_table_name(table)
-    ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
-    cols = [sql.Identifier(validate_identifier(c, "column name")) for c in columns]
-    query = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(
-        sql.SQL(", ").join(cols), ident, cols[0]
-    )
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query)
-            return cur.fetchall()
-    except psycopg.Error as exc:
-        raise InvalidRegionsError(
-            f"cannot read regions table {table} ({', '.join(columns)}): "
-            f"{str(exc).strip().splitlines()[0]}"
-        ) from None
-    finally:
-        if not conn.autocommit:
-            conn.rollback()
-
-
-def regions_from_table(
-    conn: Any,
-    table: str,
-    *,
-    id_column: str = "id",
-    geometry_column: str = "geometry",
-    repair: bool = True,
+def regions_from_rows(
+    rows: Iterable[tuple[Any, Any]], table: str, *, repair: bool = True
 ) -> Regions:
-    """Regions from a PostgreSQL table (no PostGIS needed), ordered by ``id_column``.
+    """Regions from the ``(id, geometry)`` rows of a table (read by
+    :meth:`~airflow_memsafe.hooks.OsmFactsHook.regions`; the engine runs no SQL).
 
-    ``geometry_column`` holds GeoJSON (``json``/``jsonb``/``text``) or WKB (``bytea``, or
-    hex text). ``table`` is ``schema.table`` or ``table``; names are validated and quoted.
+    ``geometry`` holds GeoJSON (``json``/``jsonb``/``text``) or WKB (``bytea``, or hex text);
+    ``table`` names the rows in errors (``row 2 of schema.table``).
     """
-    rows = _table_rows(conn, table, id_column, geometry_column)
     records = ((rid, geom, f"row {i + 1} of {table}") for i, (rid, geom) in enumerate(rows))
     return regions_from_records(records, source=f"table {table}", repair=repair)
 
 
-def read_region_ids(
-    *,
-    regions_path: str | os.PathLike[str] | None = None,
-    id_property: str = "id",
-    conn: Any = None,
-    regions_table: str | None = None,
-    id_column: str = "id",
-) -> list[str]:
-    """Just the ids of a regions input (no geometry validation): what a verifier needs."""
-    if regions_path is not None:
-        features = _read_geojson(regions_path)
-        raw = (_feature_id(f, id_property, f"feature #{i}") for i, f in enumerate(features))
-        return [_region_id(r, f"feature #{i}") for i, r in enumerate(raw)]
-    if conn is None or regions_table is None:
-        raise InvalidRegionsError("give regions_path, or a connection and regions_table")
-    rows = _table_rows(conn, regions_table, id_column)
-    return [_region_id(r, f"row {i + 1} of {regions_table}") for i, (r,) in enumerate(rows)]
+def region_ids_from_rows(rows: Iterable[tuple[Any]], table: str) -> list[str]:
+    """The validated ids of a table's ``(id,)`` rows (no geometry): what a verifier needs."""
+    return [_region_id(r, f"row {i + 1} of {table}") for i, (r,) in enumerate(rows)]
+
+
+def read_region_ids(regions_path: str | os.PathLike[str], *, id_property: str = "id") -> list[str]:
+    """Just the ids of a GeoJSON regions file (no geometry validation)."""
+    features = _read_geojson(regions_path)
+    raw = (_feature_id(f, id_property, f"feature #{i}") for i, f in enumerate(features))
+    return [_region_id(r, f"feature #{i}") for i, r in enumerate(raw)]
 
 
 def load_regions(
-    regions_path: str | os.PathLike[str] | None = None,
-    *,
-    id_property: str = "id",
-    conn: Any = None,
-    regions_table: str | None = None,
-    id_column: str = "id",
-    geometry_column: str = "geometry",
-    repair: bool = True,
+    regions_path: str | os.PathLike[str], *, id_property: str = "id", repair: bool = True
 ) -> Regions:
-    """Regions from a GeoJSON file (``regions_path``) or a table (``conn`` + ``regions_table``)."""
-    if (regions_path is None) == (regions_table is None):
-        raise InvalidRegionsError("give exactly one of regions_path and regions_table")
-    if regions_path is not None:
-        return regions_from_geojson(regions_path, id_property=id_property, repair=repair)
-    return regions_from_table(
-        conn,
-        str(regions_table),
-        id_column=id_column,
-        geometry_column=geometry_column,
-        repair=repair,
-    )
+    """Regions from a GeoJSON FeatureCollection file (a table: :func:`regions_from_rows`)."""
+    return regions_from_geojson(regions_path, id_property=id_property, repair=repair)
 
 
 def grid_geojson(
@@ -505,7 +452,7 @@ def _parts_of_dimension(geoms: np.ndarray, dim: int) -> tuple[np.ndarray, np.nda
     return parts[keep], owner[keep]
 
 
-class RegionMetrics:
+class RegionsSink:
     """The many-regions sink of one feature type: each micro-batch is assigned to the
     regions with one vectorised STRtree query and added to a :class:`Tally`.
 
@@ -605,24 +552,24 @@ class RegionsPass:
 
     feature_type: FeatureType
     regions: Regions
-    metrics: RegionMetrics
+    sink: RegionsSink
     stats: StreamStats
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def features(self) -> int:
         """Features read and measured (what one region covering everything would count)."""
-        return self.metrics.features
+        return self.sink.features
 
     @property
     def placed(self) -> int:
         """Distinct features that landed in at least one region."""
-        return self.metrics.placed
+        return self.sink.placed
 
     @property
     def outside(self) -> int:
         """Features in no region."""
-        return self.metrics.features - self.metrics.placed
+        return self.sink.features - self.sink.placed
 
     @property
     def skipped_count(self) -> int:
@@ -632,7 +579,7 @@ class RegionsPass:
     @property
     def row_feature_sum(self) -> int:
         """Sum of ``feature_count`` over the region rows (a split feature counts per region)."""
-        return int(self.metrics.tally.count.sum())
+        return int(self.sink.tally.count.sum())
 
     def rows(self) -> Iterator[tuple[str, FeatureResult]]:
         """``(region_id, result)`` per region in input order, zero-feature regions included.
@@ -641,7 +588,7 @@ class RegionsPass:
         pass's total is :attr:`skipped_count`). Duration and peak memory are the pass's.
         """
         areas = [float(a) for a in self.regions.area_km2]
-        return self.metrics.tally.results(
+        return self.sink.tally.results(
             self.regions.ids, areas, self.stats, skipped_in_rows=False, extra=self.extra
         )
 
@@ -673,7 +620,7 @@ def extract_regions_pass(
     """
     settings = settings or MemsafeSettings.resolve()
     monitor = monitor or memory_monitor(settings)
-    sinks = {ft.name: RegionMetrics(regions, ft, settings.max_classes) for ft in feature_types}
+    sinks = {ft.name: RegionsSink(regions, ft, settings.max_classes) for ft in feature_types}
     jobs = [TypeJob(ft, sinks[ft.name]) for ft in feature_types]
     run = stream_types(source, jobs, settings, monitor)
     passes: dict[str, RegionsPass] = {}

@@ -7,10 +7,10 @@ from typing import Any
 
 from airflow.sdk import Context
 
-from airflow_memsafe.hooks import connect_facts_db
+from airflow_memsafe.hooks import OsmFactsHook
+from airflow_memsafe.identifiers import validate_region_id
 from airflow_memsafe.osm.regions import read_region_ids
 from airflow_memsafe.sensors.rows_landed import FeatureRowsLandedSensor
-from airflow_memsafe.storage import validate_region_id
 from airflow_memsafe.storage.landed import compare_counts
 
 __all__ = ["RegionRowsLandedSensor", "compare_region_counts"]
@@ -113,24 +113,19 @@ class RegionRowsLandedSensor(FeatureRowsLandedSensor):
         self.id_column = id_column
         self.regions_conn_id = regions_conn_id
 
-    def _read_ids(self, conn: Any) -> list[str]:
+    def _read_ids(self, hook: OsmFactsHook) -> list[str]:
         if self.region_ids is not None:
             return [validate_region_id(r) for r in self.region_ids]
         if self.regions_path is not None:
-            return read_region_ids(
-                regions_path=self.regions_path, id_property=self.region_id_property
-            )
+            return read_region_ids(self.regions_path, id_property=self.region_id_property)
+        table = str(self.regions_table)
         if self.regions_conn_id and self.regions_conn_id != self.postgres_conn_id:
-            other = connect_facts_db(self.regions_conn_id)
+            other = OsmFactsHook(postgres_conn_id=self.regions_conn_id)
             try:
-                return read_region_ids(
-                    conn=other, regions_table=self.regions_table, id_column=self.id_column
-                )
+                return other.region_ids(table, id_column=self.id_column)
             finally:
                 other.close()
-        return read_region_ids(
-            conn=conn, regions_table=self.regions_table, id_column=self.id_column
-        )
+        return hook.region_ids(table, id_column=self.id_column)
 
     def poke(self, context: Context) -> bool:
         expected = self._expected_types()
@@ -139,12 +134,12 @@ class RegionRowsLandedSensor(FeatureRowsLandedSensor):
             context["ti"].xcom_pull(task_ids=self.extract_task_ids, key="return_value")
         )
         _, snapshot = self._resolve(context)
-        conn = connect_facts_db(self.postgres_conn_id)
+        hook = self.get_hook()
         try:
-            ids = self._read_ids(conn)
-            rows = self.fact_table.region_counts(conn, ids, snapshot, expected)
+            ids = self._read_ids(hook)
+            rows = hook.region_counts(ids, snapshot, expected)
         finally:
-            conn.close()
+            hook.close()
         self._last_problem = compare_region_counts(expected, ids, xcom_counts, rows)
         if self._last_problem:
             self.log.info("Not yet: %s", self._last_problem)

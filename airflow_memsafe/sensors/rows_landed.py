@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 from airflow_memsafe.context import is_template, run_snapshot
 from airflow_memsafe.errors import PermanentError, one_line
 from airflow_memsafe.features import FeatureType, resolve_feature_types
-from airflow_memsafe.hooks import FactsDatabaseError, connect_facts_db
+from airflow_memsafe.hooks import FactsDatabaseError, OsmFactsHook
 from airflow_memsafe.storage import FactTable, validate_region_id, validate_snapshot
 from airflow_memsafe.storage.landed import compare_counts
 
@@ -101,6 +101,10 @@ class FeatureRowsLandedSensor(BaseSensorOperator):
         if snapshot and not is_template(snapshot):
             validate_snapshot(snapshot)
 
+    def get_hook(self) -> OsmFactsHook:
+        """The facts database of ``postgres_conn_id`` (no I/O until used)."""
+        return OsmFactsHook(postgres_conn_id=self.postgres_conn_id, fact_table=self.fact_table)
+
     def _expected_types(self) -> list[str]:
         types = self.feature_types
         if isinstance(types, str):
@@ -142,11 +146,11 @@ class FeatureRowsLandedSensor(BaseSensorOperator):
             context["ti"].xcom_pull(task_ids=self.extract_task_ids, key="return_value")
         )
         self._xcom_counts = xcom_counts
-        conn = connect_facts_db(self.postgres_conn_id)
+        hook = self.get_hook()
         try:
-            rows = self.fact_table.counts(conn, region_id, snapshot)
+            rows = hook.landed_counts(region_id, snapshot)
         finally:
-            conn.close()
+            hook.close()
         self._last_problem = compare_counts(expected, xcom_counts, rows)
         if self._last_problem:
             self.log.info("Not yet: %s", self._last_problem)

@@ -1,9 +1,10 @@
 """``pipeline_metrics``: memory snapshots of extraction tasks, and two views over them.
 
-Snapshots are buffered and written by a :class:`MetricsSink` on its own connection, at a
-bounded rate (at most one periodic sample per ``min_interval_s``; events such as
-type start/end and pressure changes always go in). A failing sink logs once and turns
-itself off: metrics never fail an extraction.
+Snapshots are buffered and written by a :class:`MemorySnapshotWriter` on its own connection
+(opened by the callable it is given: the hook's ``connect``), at a bounded rate (at most one
+periodic sample per ``min_interval_s``; events such as type start/end and pressure changes
+always go in). A failing writer logs once and turns itself off: snapshots never fail an
+extraction.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from airflow_memsafe.memory.monitor import MemoryLevel, MemorySample
 from airflow_memsafe.storage.ddl import ensure_relations
 from airflow_memsafe.storage.identifiers import validate_identifier
 
-__all__ = ["METRICS_COLUMNS", "MetricsSink", "MetricsTable"]
+__all__ = ["METRICS_COLUMNS", "MemorySnapshotWriter", "MetricsTable"]
 
 METRICS_TABLE = "pipeline_metrics"
 
@@ -117,7 +118,7 @@ class MetricsTable:
             cur.executemany(statement, rows)
 
 
-class MetricsSink:
+class MemorySnapshotWriter:
     """Buffers memory samples and writes them to ``pipeline_metrics`` at a bounded rate.
 
     Memory: at most ``max_buffer`` rows buffered (~200 bytes each); older periodic samples
@@ -152,7 +153,7 @@ class MetricsSink:
         self._last_flush_at = time.monotonic()
         self._last_level = MemoryLevel.OK
         self.enabled = True
-        #: While held, rows are buffered but not written: the operator releases the sink
+        #: While held, rows are buffered but not written: the operator releases the writer
         #: once its own connection to the facts database worked, so a database that is down
         #: is reported once, by the task, not first by a metrics warning.
         self.held = False

@@ -1,6 +1,7 @@
 """``FeatureRowsLandedTrigger``: the deferrable sensor's wait, in the triggerer's event loop.
 
-Reads only: one small ``SELECT`` per poll on a short-lived ``psycopg.AsyncConnection``, so
+Reads only: one small ``SELECT`` per poll on a short-lived ``psycopg.AsyncConnection``
+(:meth:`airflow_memsafe.hooks.OsmFactsHook.alanded_counts`), so
 running the same trigger twice (triggerer restart, HA triggerers) is harmless, and its
 events are the same wherever it runs. The deadline is absolute (epoch seconds, fixed when the
 sensor defers), so a trigger restarted from its serialized form does not extend the wait.
@@ -15,12 +16,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_memsafe.hooks import (
-    FactsConnectionNotDefined,
-    FactsDatabaseError,
-    aconnect_facts_db,
-    describe_db_error,
-)
+from airflow_memsafe.hooks import FactsConnectionNotDefined, FactsDatabaseError, OsmFactsHook
 from airflow_memsafe.storage import FactTable
 from airflow_memsafe.storage.landed import compare_counts
 
@@ -86,19 +82,8 @@ class FeatureRowsLandedTrigger(BaseTrigger):
         )
 
     async def _row_counts(self) -> dict[str, int]:
-        import psycopg
-
-        query, args = self.fact_table.counts_query(self.region_id, self.snapshot)
-        conn = await aconnect_facts_db(self.postgres_conn_id)
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(query, args)
-                return {ft: int(n) for ft, n in await cur.fetchall()}
-        except psycopg.Error as exc:
-            doing = f"reading {self.fact_table.qualified_name}"
-            raise describe_db_error(self.postgres_conn_id, exc, doing) from None
-        finally:
-            await conn.close()
+        hook = OsmFactsHook(postgres_conn_id=self.postgres_conn_id, fact_table=self.fact_table)
+        return await hook.alanded_counts(self.region_id, self.snapshot)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         where = (

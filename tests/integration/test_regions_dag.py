@@ -254,21 +254,35 @@ def test_sensor_names_missing_region_rows(
     assert "missing rows for region/type: ghost-cell/railways" in out.out + out.err
 
 
-def test_table_errors_name_the_table_and_the_row(pg_server: PgServer, pg_schema: str) -> None:
-    from airflow_memsafe.osm.regions import InvalidRegionsError, read_region_ids, regions_from_table
+def test_table_errors_name_the_table_and_the_row(
+    pg_server: PgServer, facts_conn_id: str, pg_schema: str
+) -> None:
+    from airflow_memsafe.hooks import OsmFactsHook
+    from airflow_memsafe.osm.regions import InvalidRegionsError
 
+    hook = OsmFactsHook(postgres_conn_id=facts_conn_id)
     with pg_server.connect(autocommit=True) as conn:
         with pytest.raises(InvalidRegionsError, match=rf"cannot read regions table {pg_schema}"):
-            regions_from_table(conn, f"{pg_schema}.missing")
+            hook.regions(f"{pg_schema}.missing")
         conn.execute(f'CREATE SCHEMA "{pg_schema}"')
         conn.execute(f'CREATE TABLE "{pg_schema}".r (id integer, geometry text)')
         conn.execute(f"""INSERT INTO "{pg_schema}".r VALUES (1, '{json.dumps(SQUARE)}'),
                          (2, '{{"type": "Point", "coordinates": [0, 0]}}')""")
-        assert read_region_ids(conn=conn, regions_table=f"{pg_schema}.r") == ["1", "2"]
+        assert hook.region_ids(f"{pg_schema}.r") == ["1", "2"]
         with pytest.raises(InvalidRegionsError, match=rf"region '2' \(row 2 of {pg_schema}.r\)"):
-            regions_from_table(conn, f"{pg_schema}.r")
+            hook.regions(f"{pg_schema}.r")
         with pytest.raises(InvalidRegionsError, match="cannot read regions table"):
-            regions_from_table(conn, f"{pg_schema}.r", geometry_column="shape")
+            hook.regions(f"{pg_schema}.r", geometry_column="shape")
+    hook.close()
 
 
 SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}
+
+
+def test_reprocess_is_not_a_parameter_of_the_many_regions_operator(tmp_path: Path) -> None:
+    # Every run recomputes every type over all regions: an argument with no effect would lie.
+    with pytest.raises(TypeError, match="recomputes every type on every run: no reprocess"):
+        OsmRegionsExtractOperator(
+            task_id="x", pbf_path="a.pbf", regions_path=str(tmp_path / "r.geojson"), reprocess=True
+        )
+    assert "reprocess" not in OsmRegionsExtractOperator.template_fields
