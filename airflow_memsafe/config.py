@@ -388,23 +388,28 @@ def coerce_setting(name: str, value: Any) -> Any:
 def take_settings(
     settings: MemsafeSettings | Mapping[str, Any] | None, kwargs: dict[str, Any]
 ) -> dict[str, Any]:
-    """The settings an operator was given: ``settings`` (a mapping of setting names, or a
-    :class:`MemsafeSettings`: all its fields) updated with the keyword arguments named like a
-    setting, which are removed from ``kwargs``. Values are not checked here (templates)."""
+    """The settings an operator was given, later ones winning: setting names in the task's
+    ``default_args`` (the DAG's merged in, as Airflow hands them to ``__init__``), then
+    ``settings`` (a mapping of setting names, or a :class:`MemsafeSettings`: all its
+    fields), then the keyword arguments named like a setting, which are removed from
+    ``kwargs``. Values are not checked here (they may be templates)."""
     names = [spec.name for spec in setting_specs()]
     if isinstance(settings, MemsafeSettings):
-        given = {name: getattr(settings, name) for name in names}
+        chosen = {name: getattr(settings, name) for name in names}
     elif isinstance(settings, Mapping):
-        given = dict(settings)
+        chosen = dict(settings)
     elif settings is None:
-        given = {}
+        chosen = {}
     else:
         raise TypeError(f"settings must be a mapping or MemsafeSettings, not {settings!r}")
-    unknown = set(given) - set(names)
+    unknown = set(chosen) - set(names)
     if unknown:
         raise TypeError(
             f"unknown setting(s): {', '.join(sorted(unknown))}; known: {', '.join(names)}"
         )
+    defaults = kwargs.get("default_args") or {}
+    given = {name: defaults[name] for name in names if name in defaults}
+    given.update(chosen)
     given.update({name: kwargs.pop(name) for name in names if name in kwargs})
     return given
 

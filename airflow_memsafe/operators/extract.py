@@ -87,8 +87,10 @@ class OsmFeatureExtractOperator(BaseOperator):
     :param settings: engine settings (templated): a mapping of setting names, or a
         :class:`~airflow_memsafe.config.MemsafeSettings` (all its fields). Every setting is
         also a keyword argument of its own (``batch_size=500``, ``index_dir=...``; see
-        docs/configuration.md), which wins over ``settings``. Not given or None: the
-        ``[memsafe]`` config section / ``AIRFLOW__MEMSAFE__<NAME>``, else the default.
+        docs/configuration.md), which wins over ``settings``; setting names in
+        ``default_args`` count too (lowest). With ``.partial()``/``.expand()`` pass them in
+        ``settings``. Not given or None: the ``[memsafe]`` config section /
+        ``AIRFLOW__MEMSAFE__<NAME>``, else the default.
         Checked at DAG parse time (templated values: once rendered). ``types_module`` is
         imported at parse time, before the feature type names are resolved.
     """

@@ -245,6 +245,20 @@ def test_operator_settings_mapping_object_and_keywords() -> None:
     assert MemsafeSettings.resolve(op.setting_overrides).batch_size == 123
 
 
+def test_default_args_of_the_dag_give_settings_too() -> None:
+    from datetime import datetime
+
+    from airflow.sdk import DAG
+
+    defaults = {"batch_size": 300, "max_classes": 9}
+    with DAG("d", schedule=None, start_date=datetime(2024, 1, 1), default_args=defaults):
+        op = _operator(settings={"max_classes": 8})
+    settings = MemsafeSettings.resolve(op.setting_overrides, lookup=lambda _n: None)
+    assert (settings.batch_size, settings.max_classes) == (300, 8)  # settings= wins
+    with pytest.raises(InvalidSettingError, match="batch_size must be >= 1, not 0"):
+        _operator(default_args={"batch_size": 0})
+
+
 def test_templated_settings_are_checked_once_rendered() -> None:
     op = _operator(batch_size="{{ params.batch }}", settings={"node_index": "{{ params.idx }}"})
     assert "setting_overrides" in op.template_fields
