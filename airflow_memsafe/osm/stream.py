@@ -8,8 +8,11 @@ When a type needs areas (area types; point types count areas too), the read has 
 built here from pyosmium's parts because ``FileProcessor`` runs its area handler before its
 filters and so assembles every closed way of the file:
 
-1. **relations** of type multipolygon/boundary with a requested area key (C++ filters):
-   the area manager's first pass keeps these candidates (and counts them per type).
+1. **relations** of type multipolygon/boundary with a requested area key (C++ filters),
+   through a Python gate (:mod:`airflow_memsafe.osm.relations`: one call per candidate)
+   into the area manager's first pass while their estimated store fits
+   ``relation_budget_mb``; past it, relations whose member ways are missing are dropped
+   and the rest assembled in groups, one relations read + one ways read per later group.
 2. **nodes and ways**: node locations → (no candidate relation: a C++ ``KeyFilter`` of the
    requested keys, so the assembler sees only closed ways that can count) → the area
    assembler → key filters → Python. With candidate relations every way reaches the
@@ -19,8 +22,8 @@ filters and so assembles every closed way of the file:
 
 Memory: the node-location index (in RAM or a temp file, see
 :func:`~airflow_memsafe.memory.budget.plan_feature_type`), the assembler's candidate
-relations, one micro-batch per type and the bounded reader queues. Nothing grows with the
-number of features.
+relations (at most ``relation_budget_mb``, estimated), one micro-batch per type and the
+bounded reader queues. Nothing grows with the number of features or relations.
 """
 
 from __future__ import annotations
