@@ -225,6 +225,11 @@ def _tag(tags: Any, key: str) -> str | None:
         return bytes(exc.object).decode("utf-8", "replace")
 
 
+def _area_jobs(jobs: Sequence[TypeJob]) -> list[TypeJob]:
+    """The jobs that take areas: area types, and point types (they count areas too)."""
+    return [j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE]
+
+
 def _by_key(jobs: Sequence[TypeJob]) -> dict[str, list[TypeJob]]:
     out: dict[str, list[TypeJob]] = {}
     for job in jobs:
@@ -238,7 +243,7 @@ class _Dispatch:
     def __init__(self, jobs: Sequence[TypeJob], facts: PbfFacts, names: str) -> None:
         self.facts, self.names = facts, names
         self.lines = _by_key([j for j in jobs if j.feature_type.geometry is GeometryKind.LINE])
-        self.areas = _by_key([j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE])
+        self.areas = _by_key(_area_jobs(jobs))
         self.points = _by_key([j for j in jobs if j.feature_type.geometry is GeometryKind.POINT])
         self.wkb = osmium.geom.WKBFactory()
 
@@ -366,7 +371,7 @@ def _first_pass(
 ) -> tuple[Any, RelationGate, CandidateLog]:
     """Candidate relations into a new area manager while their store fits ``budget_mb``,
     counted per type and recorded (:class:`~airflow_memsafe.osm.relations.CandidateLog`)."""
-    area_jobs = [j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE]
+    area_jobs = _area_jobs(jobs)
     by_key = _by_key(area_jobs)
     bit = {id(job): 1 << i for i, job in enumerate(area_jobs) if i < 64}
     last = [FIRST_ID]
@@ -559,10 +564,7 @@ def stream_types(
     }
     if relations is not None:
         extra["relation_plan"] = relations.as_extra()
-    area_bits = {
-        id(j): i
-        for i, j in enumerate(j for j in jobs if j.feature_type.geometry is not GeometryKind.LINE)
-    }
+    area_bits = {id(j): i for i, j in enumerate(_area_jobs(jobs))}
     stats: dict[str, StreamStats] = {}
     errors: dict[str, BaseException] = {}
     peak_mb = peak.peak_mb()
@@ -617,9 +619,7 @@ def _plan_relations(
     plan = plan_groups(source.path, candidates, budget_mb, available_mb=available_mb, names=names)
     log.info("%s: %s", names, plan.describe())
     manager = osmium.area.AreaManager()
-    keys = sorted(
-        {j.feature_type.key for j in jobs if j.feature_type.geometry is not GeometryKind.LINE}
-    )
+    keys = sorted(_by_key(_area_jobs(jobs)))
     _feed_relations(source, keys, RelationGate(budget_mb, None, None, plan.groups[0]), manager)
     return manager, plan
 
@@ -636,9 +636,7 @@ def _later_group(
     manager, then the ways (no nodes: their locations are in the node index kept from the
     main read). Closed-way areas were counted by the main read and are not dispatched
     again."""
-    keys = sorted(
-        {j.feature_type.key for j in jobs if j.feature_type.geometry is not GeometryKind.LINE}
-    )
+    keys = sorted(_by_key(_area_jobs(jobs)))
     manager = osmium.area.AreaManager()
     _feed_relations(source, keys, RelationGate(0.0, None, None, ids or frozenset()), manager)
     located = osmium.NodeLocationsForWays(locations)
