@@ -90,7 +90,7 @@ _EXTENT_CHUNK = 1 << 20
 
 class Sink(Protocol):
     """Where one type's micro-batches go (:class:`~airflow_memsafe.osm.tally.WholeFileSink`,
-    :class:`~airflow_memsafe.osm.regions.RegionMetrics`)."""
+    :class:`~airflow_memsafe.osm.regions.RegionsSink`)."""
 
     #: Point types: hand nodes as point WKB and areas as multipolygon WKB (else ``NO_WKB``).
     point_geometry: bool
@@ -465,7 +465,7 @@ def stream_types(
     group = _Batches(batches, settings.batch_size)
     guard = PressureGuard(
         monitor,
-        group,  # type: ignore[arg-type]  # the guard needs .size and .flush() only
+        group,  # the guard needs .size and .flush() only
         feature_type=names,
         floor=min(settings.min_batch_size, settings.batch_size),
         ceiling=settings.batch_size,
