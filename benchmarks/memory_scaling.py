@@ -71,36 +71,73 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 #: 1 → the 0.5 MB sample; 2500 copies → ~1.09 GB (1.04 GiB).
 FULL_SIZES = (1, 50, 400, 2500)
 QUICK_SIZES = (1, 10)
-TOOLS = ("ours", "naive", "pyrosm", "quackosm")
+TOOLS = ("ours", "ours_single", "naive", "pyrosm", "quackosm")
+#: Our tools: the example DAG with one task per type, and its single-pass sibling.
+OURS = {"ours": "osm_region_features", "ours_single": "osm_region_features_single_pass"}
 PEER_TOOLS = ("pyrosm", "quackosm")
 #: The target: peak working set of the extraction ≤ bare Airflow task + this.
 BOUND_OVER_BASELINE_MB = 150.0
 #: The target: peak at the largest size within this much of the peak at the 0.5 MB sample.
 FLAT_WITHIN = 0.20
 CONN_ID = "osm_facts"
+#: The relation-dense part merged into each copy: complete multipolygons, members each,
+#: clipped ones (memsafe_dev.synthetic.relation_dense_pbf).
+DENSE_PART = (60, 40, 6)
+FAMILY_LABELS = {"monaco": "Monaco", "dense": "Monaco + relations"}
+FAMILY_TEXT = {
+    "monaco": "`data/monaco-2023.osm.pbf`",
+    "dense": (
+        "`data/monaco-2023.osm.pbf` merged with a synthetic relation-dense part "
+        "(`memsafe_dev.synthetic`: 60 complete multipolygons of 40 untagged member ways and "
+        "6 clipped ones per copy, ~5× the relation members per MB of a country extract)"
+    ),
+}
 REL_TOL = 1e-6
 
 
 # ----------------------------------------------------------------------- inputs -----
 
 
-def tiled_pbf(copies: int, work_dir: Path) -> Path:
-    """The Monaco sample repeated ``copies`` times (cached in ``work_dir``)."""
-    if copies == 1:
+def family_source(family: str, work_dir: Path) -> Path:
+    """The source file of a family: the Monaco sample, or (``dense``) the sample merged with
+    a synthetic relation-dense part (:data:`DENSE_PART`: complete multipolygons with
+    untagged member ways, and relations clipped at the edge) — ~5× the members per MB of a
+    real country extract (Germany: ~5 M members in 4 GB), made once in ``work_dir``."""
+    if family == "monaco":
         return MONACO
+    from memsafe_dev.synthetic import relation_dense_pbf
+
+    out = work_dir / "monaco-dense.osm.pbf"
+    if not out.exists():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # Inside the sample's bbox, so copies stay as far apart as the sample's.
+        part = relation_dense_pbf(work_dir / "dense-part.osm.pbf", *DENSE_PART, (7.41, 43.70))
+        # Synthetic ids start at 1, below the sample's: a sorted merge keeps both.
+        subprocess.run(
+            ["osmium", "merge", str(MONACO), str(part), "-o", str(out), "--overwrite"],
+            check=True,
+        )
+    return out
+
+
+def tiled_pbf(copies: int, work_dir: Path, source: Path = MONACO) -> Path:
+    """``source`` (default the Monaco sample) repeated ``copies`` times (cached)."""
+    if copies == 1:
+        return source
     from memsafe_dev.tile import tile_pbf
 
-    out = work_dir / f"monaco-x{copies}.osm.pbf"
+    stem = source.name.removesuffix(".osm.pbf").removesuffix("-2023")
+    out = work_dir / f"{stem}-x{copies}.osm.pbf"
     if not out.exists():
         work_dir.mkdir(parents=True, exist_ok=True)
         part = out.with_name(out.name + ".part")
-        tile_pbf(MONACO, part, copies)
+        tile_pbf(source, part, copies)
         part.rename(out)
     return out
 
 
-def reference_rows() -> dict[str, dict[str, Any]]:
-    """The 8 types on the Monaco sample, straight from the engine (no Airflow, no DB)."""
+def reference_rows(source: Path = MONACO) -> dict[str, dict[str, Any]]:
+    """The 8 types on ``source``, straight from the engine (no Airflow, no DB)."""
     from airflow_memsafe import BUILTIN_FEATURE_TYPES
     from airflow_memsafe.osm.extract import extract_feature_types
 
@@ -111,7 +148,7 @@ def reference_rows() -> dict[str, dict[str, Any]]:
             "area_km2": r.area_km2,
             "skipped_count": r.skipped_count,
         }
-        for r in extract_feature_types(MONACO, BUILTIN_FEATURE_TYPES)
+        for r in extract_feature_types(source, BUILTIN_FEATURE_TYPES)
     }
 
 
@@ -333,10 +370,11 @@ class AirflowRunner:
         timeout_s: float | None,
         region_id: str,
         snapshot: str,
+        dag_id: str = "osm_region_features",
         **env: str,
     ) -> CgroupRun:
         conf = {"pbf_path": str(pbf), "region_id": region_id, "snapshot": snapshot}
-        return self.dags_test(EXAMPLE_DAGS, "osm_region_features", conf, limit_mb, timeout_s, **env)
+        return self.dags_test(EXAMPLE_DAGS, dag_id, conf, limit_mb, timeout_s, **env)
 
     def naive(self, pbf: Path, limit_mb: int, timeout_s: float | None) -> CgroupRun:
         return self.dags_test(
@@ -413,12 +451,13 @@ def measure_ours(
     reference: dict[str, dict[str, Any]],
     limit_mb: int,
     timeout_s: float | None,
+    tool: str = "ours",
 ) -> Measurement:
     # A fresh snapshot per run (a valid one: a UTC date-time down to the microsecond).
     region_id = f"bench_x{copies}"
     snapshot = snapshot_of(dt.datetime.now(dt.UTC))
-    run = runner.ours(pbf, limit_mb, timeout_s, region_id, snapshot)
-    measurement = _measure("ours", copies, pbf, run)
+    run = runner.ours(pbf, limit_mb, timeout_s, region_id, snapshot, dag_id=OURS[tool])
+    measurement = _measure(tool, copies, pbf, run)
     rows = runner.pg.fact_rows(region_id, snapshot)
     measurement.extra["rows"] = len(rows)
     measurement.extra["monitor_peak_pct"] = runner.pg.monitor_peak(region_id, snapshot)
@@ -439,19 +478,21 @@ def run_benchmark(
     pg: Postgres,
     airflow_home: Path,
     log: Any = print,
+    family: str = "monaco",
 ) -> tuple[Measurement, list[Measurement]]:
     """Measure the baseline once, then every tool at every size (smallest first)."""
     runner = AirflowRunner(airflow_home, pg).prepare()
-    reference = reference_rows()
+    source = family_source(family, work_dir)
+    reference = reference_rows(source)
     bare = runner.bare(limit_mb)
     baseline = _measure("bare", 1, MONACO, bare)
     log(f"bare Airflow task: {_cell(baseline)}")
     results = []
     for copies in sorted(sizes):
-        pbf = tiled_pbf(copies, work_dir)
+        pbf = tiled_pbf(copies, work_dir, source)
         for tool in tools:
-            if tool == "ours":
-                m = measure_ours(runner, pbf, copies, reference, limit_mb, timeout_s)
+            if tool in OURS:
+                m = measure_ours(runner, pbf, copies, reference, limit_mb, timeout_s, tool)
             elif tool == "naive":
                 m = _measure("naive", copies, pbf, runner.naive(pbf, limit_mb, timeout_s))
             else:
@@ -483,7 +524,20 @@ def targets(
     baseline: Measurement, results: Sequence[Measurement], limit_mb: int
 ) -> list[tuple[str, bool | None, str]]:
     """(target, met?, evidence); met is None when the run did not measure it."""
-    ours = sorted((m for m in results if m.tool == "ours"), key=lambda m: m.copies)
+    out: list[tuple[str, bool | None, str]] = []
+    for tool, how in (("ours", "8 tasks"), ("ours_single", "1 task, single pass")):
+        ours = sorted((m for m in results if m.tool == tool), key=lambda m: m.copies)
+        out += _targets_of(baseline, ours, results, limit_mb, how)
+    return out
+
+
+def _targets_of(
+    baseline: Measurement,
+    ours: Sequence[Measurement],
+    results: Sequence[Measurement],
+    limit_mb: int,
+    how: str,
+) -> list[tuple[str, bool | None, str]]:
     naive = {m.copies: m for m in results if m.tool == "naive"}
     out: list[tuple[str, bool | None, str]] = []
     bound = (baseline.peak_anon_mb or 0) + BOUND_OVER_BASELINE_MB
@@ -492,7 +546,7 @@ def targets(
         met = all(m.ok for m in ours) and (worst.peak_anon_mb or 0) <= bound
         out.append(
             (
-                f"peak ≤ bare Airflow task + {BOUND_OVER_BASELINE_MB:.0f} MB, all 8 types",
+                f"peak ≤ bare Airflow task + {BOUND_OVER_BASELINE_MB:.0f} MB, all 8 types ({how})",
                 met,
                 f"highest {worst.peak_anon_mb:.0f} MB at {_size(worst.size_mb)} "
                 f"{'≤' if met else '>'} {baseline.peak_anon_mb:.0f} + "
@@ -504,7 +558,7 @@ def targets(
         growth = (last.peak_anon_mb or 0) / (first.peak_anon_mb or 1) - 1
         out.append(
             (
-                f"flat: peak at {_size(last.size_mb)} within +{FLAT_WITHIN:.0%} of "
+                f"flat ({how}): peak at {_size(last.size_mb)} within +{FLAT_WITHIN:.0%} of "
                 f"{_size(first.size_mb)}",
                 growth <= FLAT_WITHIN,
                 f"{first.peak_anon_mb:.0f} → {last.peak_anon_mb:.0f} MB ({growth:+.0%})",
@@ -515,13 +569,14 @@ def targets(
         big = last.size_mb >= 1000
         out.append(
             (
-                f"{_size(last.size_mb)} completes in {limit_mb} MiB through a real Airflow run",
+                f"{_size(last.size_mb)} completes in {limit_mb} MiB through a real Airflow run "
+                f"({how})",
                 last.ok if big else None,
                 f"{last.status}, {last.wall_s:.0f} s"
                 + ("" if big else " (input under 1 GB: not the ≥ 1 GB target)"),
             )
         )
-        if last.copies in naive:
+        if last.copies in naive and how == "8 tasks":
             nv = naive[last.copies]
             out.append(
                 (
@@ -538,11 +593,13 @@ def markdown(
     results: Sequence[Measurement],
     tools: Sequence[str],
     limit_mb: int,
+    family: str = "monaco",
 ) -> str:
     sizes = sorted({(m.copies, m.size_mb) for m in results})
     by = {(m.copies, m.tool): m for m in results}
     names = {
         "ours": "airflow-memsafe (8 tasks)",
+        "ours_single": "airflow-memsafe (1 task, single pass)",
         "naive": "naive DAG",
         "pyrosm": "pyrosm",
         "quackosm": "QuackOSM",
@@ -553,7 +610,9 @@ def markdown(
         f"{limit_mb} MiB memory cgroup. Bare Airflow task (`airflow dags test` of one no-op "
         f"task): {_cell(baseline)}.",
         "",
-        "| PBF (Monaco ×N) | " + " | ".join(names.get(t, t) for t in tools) + " |",
+        f"| PBF ({FAMILY_LABELS[family]} ×N) | "
+        + " | ".join(names.get(t, t) for t in tools)
+        + " |",
         "|---|" + "---|" * len(tools),
     ]
     for copies, size in sizes:
@@ -591,9 +650,10 @@ def plot(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.6))
-    styles = {"ours": "o-", "naive": "s--", "pyrosm": "^--", "quackosm": "D--"}
+    styles = {"ours": "o-", "ours_single": "o:", "naive": "s--", "pyrosm": "^--", "quackosm": "D--"}
     labels = {
         "ours": "airflow-memsafe (real Airflow run, 8 types)",
+        "ours_single": "airflow-memsafe (one task, single pass)",
         "naive": "naive DAG (XCom)",
         "pyrosm": "pyrosm (8 selections)",
         "quackosm": "QuackOSM (8 selections)",
@@ -671,18 +731,20 @@ def write_results(
     tools: Sequence[str],
     limit_mb: int,
     out_dir: Path,
+    family: str = "monaco",
 ) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown(baseline, results, tools, limit_mb)
+    table = markdown(baseline, results, tools, limit_mb, family)
     header = (
         "# Memory scaling benchmark\n\n"
-        f"`benchmarks/memory_scaling.py`, {dt.date.today().isoformat()}, "
-        f"{os.cpu_count()} CPUs. Inputs: `data/monaco-2023.osm.pbf` tiled N× with "
+        f"`benchmarks/memory_scaling.py --family {family}`, {dt.date.today().isoformat()}, "
+        f"{os.cpu_count()} CPUs. Inputs: {FAMILY_TEXT[family]} tiled N× with "
         "`memsafe-dev tile` (valid PBF, metrics exactly N×: our rows are checked "
         "against that).\n\n"
     )
-    (out_dir / "memory_scaling.md").write_text(header + table)
-    (out_dir / "memory_scaling.json").write_text(
+    stem = results_stem(family)
+    (out_dir / f"{stem}.md").write_text(header + table)
+    (out_dir / f"{stem}.json").write_text(
         json.dumps(
             {
                 "limit_mb": limit_mb,
@@ -693,15 +755,19 @@ def write_results(
         )
         + "\n"
     )
-    plot(baseline, results, tools, limit_mb, out_dir / "memory_scaling.png")
+    plot(baseline, results, tools, limit_mb, out_dir / f"{stem}.png")
     return table
 
 
+def results_stem(family: str) -> str:
+    return "memory_scaling" if family == "monaco" else f"memory_scaling_{family}"
+
+
 def merge_results(
-    out_dir: Path, new: Sequence[Measurement], tools: Sequence[str]
+    out_dir: Path, new: Sequence[Measurement], tools: Sequence[str], family: str = "monaco"
 ) -> tuple[Measurement, list[Measurement], list[str]]:
     """The earlier run's baseline and results, with the (tool, size) cells of ``new``."""
-    data = json.loads((out_dir / "memory_scaling.json").read_text())
+    data = json.loads((out_dir / f"{results_stem(family)}.json").read_text())
     baseline = Measurement(**data["baseline"])
     old = [Measurement(**m) for m in data["results"]]
     replaced = {(m.tool, m.copies) for m in new}
@@ -747,6 +813,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "replace only the tools x sizes measured now",
     )
     parser.add_argument("--note", default="", help="note attached to this run's measurements")
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILY_LABELS),
+        default="monaco",
+        help="input family: the Monaco sample, or the sample with a relation-dense part "
+        "(results in memory_scaling_dense.*)",
+    )
     args = parser.parse_args(argv)
 
     reason = cgroup_available()
@@ -775,12 +848,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             pg = stack.enter_context(embedded_postgres(work))
         started = time.monotonic()
-        baseline, results = run_benchmark(sizes, tools, args.limit_mb, timeout_s, work, pg, home)
+        baseline, results = run_benchmark(
+            sizes, tools, args.limit_mb, timeout_s, work, pg, home, family=args.family
+        )
     for m in results:
         m.note = "; ".join(n for n in (args.note, m.note) if n)
-    if args.merge and (args.out_dir / "memory_scaling.json").exists():
-        baseline, results, tools = merge_results(args.out_dir, results, tools)
-    table = write_results(baseline, results, tools, args.limit_mb, args.out_dir)
+    if args.merge and (args.out_dir / f"{results_stem(args.family)}.json").exists():
+        baseline, results, tools = merge_results(args.out_dir, results, tools, args.family)
+    table = write_results(baseline, results, tools, args.limit_mb, args.out_dir, args.family)
     print()
     print(table)
     print(f"({time.monotonic() - started:.0f} s; results in {args.out_dir})")

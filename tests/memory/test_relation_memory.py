@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from osm_files import opl_to_pbf, relation_dense_opl
+from osm_files import opl_to_pbf
 
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.features import resolve_feature_types
 from airflow_memsafe.osm.extract import extract_feature_types
 from memsafe_dev.harness import CgroupRun, cgroup_available, run_in_memory_cgroup
+from memsafe_dev.synthetic import relation_dense_opl
 
 _REASON = cgroup_available()
 

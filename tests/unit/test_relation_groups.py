@@ -11,7 +11,7 @@ from typing import Any
 import osmium
 import pytest
 from conftest import MONACO
-from osm_files import opl_to_pbf, relation_dense_opl
+from osm_files import opl_to_pbf
 from test_single_pass import ALL, METRICS
 
 from airflow_memsafe.config import MemsafeSettings
@@ -21,6 +21,7 @@ from airflow_memsafe.osm import relations as relations_module
 from airflow_memsafe.osm.extract import extract_feature_types
 from airflow_memsafe.osm.regions import extract_regions_types, grid_geojson, load_regions
 from airflow_memsafe.osm.relations import CandidateLog, plan_groups
+from memsafe_dev.synthetic import relation_dense_opl
 
 AREA_TYPES = resolve_feature_types(["landuse", "natural"])
 #: 30 complete relations of 8 member ways and 3 clipped ones (2 of 22 ways in the file).
