@@ -595,7 +595,8 @@ def markdown(
     limit_mb: int,
     family: str = "monaco",
 ) -> str:
-    sizes = sorted({(m.copies, m.size_mb) for m in results})
+    # One row per size; a merged file's runs of one size may report its MB a little apart.
+    sizes = sorted({m.copies: m.size_mb for m in results}.items())
     by = {(m.copies, m.tool): m for m in results}
     names = {
         "ours": "airflow-memsafe (8 tasks)",
@@ -764,11 +765,16 @@ def results_stem(family: str) -> str:
 
 
 def merge_results(
-    out_dir: Path, new: Sequence[Measurement], tools: Sequence[str], family: str = "monaco"
+    out_dir: Path,
+    new: Sequence[Measurement],
+    tools: Sequence[str],
+    family: str = "monaco",
+    baseline: Measurement | None = None,
 ) -> tuple[Measurement, list[Measurement], list[str]]:
-    """The earlier run's baseline and results, with the (tool, size) cells of ``new``."""
+    """The earlier run's results with the (tool, size) cells of ``new``; the baseline of
+    this run when given (it judges the cells measured with it), else the earlier one."""
     data = json.loads((out_dir / f"{results_stem(family)}.json").read_text())
-    baseline = Measurement(**data["baseline"])
+    baseline = baseline or Measurement(**data["baseline"])
     old = [Measurement(**m) for m in data["results"]]
     replaced = {(m.tool, m.copies) for m in new}
     merged = [m for m in old if (m.tool, m.copies) not in replaced] + list(new)
@@ -854,7 +860,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in results:
         m.note = "; ".join(n for n in (args.note, m.note) if n)
     if args.merge and (args.out_dir / f"{results_stem(args.family)}.json").exists():
-        baseline, results, tools = merge_results(args.out_dir, results, tools, args.family)
+        baseline, results, tools = merge_results(
+            args.out_dir, results, tools, args.family, baseline
+        )
     table = write_results(baseline, results, tools, args.limit_mb, args.out_dir, args.family)
     print()
     print(table)
