@@ -150,23 +150,19 @@ class _Batches:
 
 
 @contextlib.contextmanager
-def _node_locations(kind: str, settings: MemsafeSettings) -> Iterator[tuple[Any, Path | None]]:
-    """(location table, its index file or None); a file-backed table lives in a temp dir
-    removed on exit."""
-    if kind != "sparse_file_array":
-        table = osmium.index.create_map(kind)
-        try:
-            yield table, None
-        finally:
-            del table
-        return
-    with node_index_dir(settings.index_dir) as tmp:  # also clears dirs of killed tasks
-        path = Path(tmp) / "nodes.idx"
-        table = osmium.index.create_map(f"sparse_file_array,{path}")
-        try:
-            yield table, path
-        finally:
-            del table  # unmap before the directory goes
+def _node_locations(kind: str, scratch: Path | None) -> Iterator[tuple[Any, Path | None]]:
+    """(location table, its index file or None); a file-backed table lives in ``scratch``
+    (the pass's temp dir, removed by its owner)."""
+    path = None
+    if kind == "sparse_file_array":
+        assert scratch is not None, "a file-backed index needs the pass's scratch dir"
+        path = scratch / "nodes.idx"
+        kind = f"sparse_file_array,{path}"
+    table = osmium.index.create_map(kind)
+    try:
+        yield table, path
+    finally:
+        del table  # unmap before the directory goes
 
 
 def _index_extent(path: Path) -> tuple[float, float, float, float] | None:
@@ -494,13 +490,18 @@ def stream_types(
     budget_mb = relation_budget_mb(settings.relation_budget_mb, headroom_mb=available_mb)
     try:
         with contextlib.ExitStack() as scope:
-            locations, index_file = scope.enter_context(_node_locations(index_kind, settings))
+            # One temp dir per pass for what it puts on disk (the file-backed node index,
+            # the relation planner's member ids): what a SIGKILL leaves, cleared next run.
+            scratch = None
+            if index_kind == "sparse_file_array" or needs_areas:
+                scratch = scope.enter_context(node_index_dir(settings.index_dir))
+            locations, index_file = scope.enter_context(_node_locations(index_kind, scratch))
             handlers: list[Any] = []
             located = osmium.NodeLocationsForWays(locations)
             located.ignore_errors()
             handlers.append(located)
             if needs_areas:
-                scratch = scope.enter_context(node_index_dir(settings.index_dir))
+                assert scratch is not None
                 manager, relations = _plan_relations(
                     source, jobs, order, budget_mb, available_mb, scratch, names
                 )
