@@ -80,6 +80,8 @@ BOUND_OVER_BASELINE_MB = 150.0
 #: The target: peak at the largest size within this much of the peak at the 0.5 MB sample.
 FLAT_WITHIN = 0.20
 CONN_ID = "osm_facts"
+#: Copies of the sample that fit in [-180, 180) without overlapping (its 0.0996° span).
+MAX_SIDE_BY_SIDE = 3600
 #: The relation-dense part merged into each copy: complete multipolygons, members each,
 #: clipped ones (memsafe_dev.synthetic.relation_dense_pbf).
 DENSE_PART = (60, 40, 6)
@@ -131,7 +133,10 @@ def tiled_pbf(copies: int, work_dir: Path, source: Path = MONACO) -> Path:
     if not out.exists():
         work_dir.mkdir(parents=True, exist_ok=True)
         part = out.with_name(out.name + ".part")
-        tile_pbf(source, part, copies)
+        # Past ~3600 copies side by side the world is full: let copies overlap (each is
+        # still its own objects, so the metrics stay exactly N×).
+        step = 359.0 / copies if copies > MAX_SIDE_BY_SIDE else None
+        tile_pbf(source, part, copies, lon_step_deg=step)
         part.rename(out)
     return out
 
