@@ -41,6 +41,7 @@ __all__ = [
     "RELATION_BYTES",
     "RELATION_MEMBER_BYTES",
     "CandidateLog",
+    "GroupGate",
     "RelationGate",
     "RelationPlan",
     "complete_relations",
@@ -98,6 +99,8 @@ class CandidateLog:
         self.way_members = 0
         self._refs = array("q")
         self._spill_path = spill_path
+        #: Where the log and the existence check put their files (the pass's temp dir).
+        self.scratch_dir = spill_path.parent
         self._spilled = 0
 
     def add(self, rid: int, size: int, way_refs: Sequence[int], type_mask: int) -> None:
@@ -131,36 +134,26 @@ class CandidateLog:
 
 class RelationGate:
     """A Python handler between the C++ candidate filters and the assembler's first pass:
-    records each candidate relation and lets it through while the store fits the budget
-    (``admit`` None), or lets through only the relations in ``admit`` (a later group).
+    records each candidate relation and lets it through while the store fits the budget.
 
     ``on_candidate(relation)`` returns the job bit mask of the relation's types (counting
     them per type is the caller's)."""
 
     def __init__(
-        self,
-        budget_mb: float,
-        on_candidate: Callable[[Any], int] | None,
-        candidates: CandidateLog | None,
-        admit: frozenset[int] | None = None,
+        self, budget_mb: float, on_candidate: Callable[[Any], int], candidates: CandidateLog
     ) -> None:
         self.budget_mb = budget_mb
         self._on_candidate = on_candidate
         self._log = candidates
-        self._admit = admit
         self.fed = 0
         self.fed_members = 0
         self.over_budget = False
 
     def relation(self, rel: Any) -> bool:
         """True drops ``rel`` before the assembler (pyosmium's handler-as-filter)."""
-        if self._admit is not None:
-            return rel.id not in self._admit
         members = rel.members
-        mask = self._on_candidate(rel) if self._on_candidate else 0
-        if self._log is not None:
-            refs = [m.ref for m in members if m.type == "w"]
-            self._log.add(rel.id, len(members), refs, mask)
+        mask = self._on_candidate(rel)
+        self._log.add(rel.id, len(members), [m.ref for m in members if m.type == "w"], mask)
         if self.over_budget:
             return True
         if relation_store_mb(self.fed + 1, self.fed_members + len(members)) > self.budget_mb:
@@ -169,6 +162,17 @@ class RelationGate:
         self.fed += 1
         self.fed_members += len(members)
         return False
+
+
+class GroupGate:
+    """The gate of one planned group: lets through only the relations in ``ids``."""
+
+    def __init__(self, ids: frozenset[int]) -> None:
+        self._ids = ids
+
+    def relation(self, rel: Any) -> bool:
+        """True drops ``rel`` before the assembler."""
+        return rel.id not in self._ids
 
 
 @dataclass
@@ -245,7 +249,7 @@ def complete_relations(source_path: Path, candidates: CandidateLog) -> tuple[np.
     to the spill file, so RAM stays bounded whatever the number of members.
     """
     refs = candidates.way_refs()
-    scratch = candidates._spill_path.parent
+    scratch = candidates.scratch_dir
     runs: list[np.ndarray] = []
     found: list[np.ndarray] = []
     for i, start in enumerate(range(0, len(refs), _RUN_SIZE)):

@@ -62,6 +62,7 @@ from airflow_memsafe.osm.integrity import (
 from airflow_memsafe.osm.progress import PassProgress
 from airflow_memsafe.osm.relations import (
     CandidateLog,
+    GroupGate,
     RelationGate,
     RelationPlan,
     plan_groups,
@@ -109,6 +110,8 @@ class TypeJob:
     relation_candidates: int = 0
     relation_members: int = 0
     relation_areas: int = 0
+    #: Candidates left out of the assembler: member ways missing from the file.
+    relations_missing: int = 0
     error: BaseException | None = None
     batch: MicroBatch[Feature] = field(init=False)
 
@@ -337,23 +340,19 @@ def _check_order(order: OrderCheck, kind: int, stage: int, prev: int, oid: int) 
     return max(stage, kind)
 
 
-def _relation_filters() -> list[Any]:
-    """C++ filters of the relations read: type multipolygon/boundary (the keys follow)."""
+def _feed_relations(
+    source: PbfSource, keys: Sequence[str], gate: RelationGate | GroupGate, manager: Any
+) -> None:
+    """One read of the relation blocks: candidates (C++ filters: type multipolygon/boundary
+    with a requested key) through ``gate`` into the area manager's first pass. Python sees
+    candidate relations only."""
     relation_type = osmium.filter.TagFilter(*(("type", t) for t in _RELATION_AREA_TYPES))
     relation_type.enable_for(osmium.osm.RELATION)
-    return [relation_type]
-
-
-def _feed_relations(
-    source: PbfSource, keys: Sequence[str], gate: RelationGate, manager: Any
-) -> None:
-    """One read of the relation blocks: candidates (C++ filters) through ``gate`` into the
-    area manager's first pass. Python sees candidate relations only."""
     relation_keys = osmium.filter.KeyFilter(*keys)
     relation_keys.enable_for(osmium.osm.RELATION)
     with osmium.io.Reader(pbf_file(source.path), osmium.osm.RELATION) as rd:
         # The iterator holds raw pointers to its handlers: keep them referenced here.
-        chain = [*_relation_filters(), relation_keys, gate, manager.first_pass_handler()]
+        chain = [relation_type, relation_keys, gate, manager.first_pass_handler()]
         for _ in osmium.OsmFileIterator(rd, *chain):
             pass
 
@@ -395,7 +394,7 @@ def _first_pass(
 
 
 def _second_pass_filters(jobs: Sequence[TypeJob]) -> list[Any]:
-    """Key filters after the assembler: ways with a requested key (line and area keys:
+    """Key filters after the assembler: ways with a requested key (line and area keys),
     nodes with a point key."""
     way_keys = sorted({j.feature_type.key for j in jobs})
     point_keys = sorted(
@@ -540,8 +539,9 @@ def stream_types(
                         dispatch.node(obj)
             if needs_areas:
                 del manager  # group 1's relation store
-            for k, ids in enumerate(relations.groups[1:] if relations else [], start=2):
-                log.info("%s: relation group %d of %d", names, k, len(relations.groups))  # type: ignore[union-attr]
+            later = [ids for ids in relations.groups[1:] if ids] if relations else []
+            for k, ids in enumerate(later, start=2):
+                log.info("%s: relation group %d of %d", names, k, len(later) + 1)
                 _later_group(source, jobs, ids, locations, areas, guard)
             group.flush()
             if extent:
@@ -565,7 +565,6 @@ def stream_types(
     }
     if relations is not None:
         extra["relation_plan"] = relations.as_extra()
-    area_bits = {id(j): i for i, j in enumerate(_area_jobs(jobs))}
     stats: dict[str, StreamStats] = {}
     errors: dict[str, BaseException] = {}
     peak_mb = peak.peak_mb()
@@ -586,11 +585,7 @@ def stream_types(
                 "relation_candidates": job.relation_candidates,
                 "relation_members": job.relation_members,
                 **(
-                    {
-                        "relations_missing_members": relations.missing_per_job.get(
-                            area_bits.get(id(job), -1), 0
-                        )
-                    }
+                    {"relations_missing_members": job.relations_missing}
                     if relations is not None and relations.missing
                     else {}
                 ),
@@ -621,14 +616,16 @@ def _plan_relations(
     log.info("%s: %s", names, plan.describe())
     manager = osmium.area.AreaManager()
     keys = sorted(_by_key(_area_jobs(jobs)))
-    _feed_relations(source, keys, RelationGate(budget_mb, None, None, plan.groups[0]), manager)
+    _feed_relations(source, keys, GroupGate(plan.groups[0] or frozenset()), manager)
+    for i, job in enumerate(_area_jobs(jobs)):  # the bit order of the candidate log
+        job.relations_missing = plan.missing_per_job.get(i, 0)
     return manager, plan
 
 
 def _later_group(
     source: PbfSource,
     jobs: Sequence[TypeJob],
-    ids: frozenset[int] | None,
+    ids: frozenset[int],
     locations: Any,
     areas: _AreaHandler,
     guard: PressureGuard,
@@ -639,7 +636,7 @@ def _later_group(
     again."""
     keys = sorted(_by_key(_area_jobs(jobs)))
     manager = osmium.area.AreaManager()
-    _feed_relations(source, keys, RelationGate(0.0, None, None, ids or frozenset()), manager)
+    _feed_relations(source, keys, GroupGate(ids), manager)
     located = osmium.NodeLocationsForWays(locations)
     located.ignore_errors()
     areas.relations_only = True

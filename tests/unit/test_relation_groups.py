@@ -108,29 +108,19 @@ def test_many_regions_in_groups_equal_one_group(tmp_path: Path, dense_pbf: Path)
         _assert_equal([one[key]], [grouped[key]])
 
 
-class _Counting:
-    """Counts the relations an area manager's first pass receives."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-
-    def relation(self, rel: Any) -> None:
-        self.ids.append(rel.id)
-
-
 def test_relations_with_missing_members_never_reach_the_assembler(
     dense_pbf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fed: list[int] = []
-    real = relations_module.RelationGate.relation
+    fed: list[int] = []  # what the planned groups' gates let through to the assembler
+    real = relations_module.GroupGate.relation
 
     def spy(self: Any, rel: Any) -> bool:
         dropped = real(self, rel)
-        if not dropped and self._admit is not None:
+        if not dropped:
             fed.append(rel.id)
         return dropped
 
-    monkeypatch.setattr(relations_module.RelationGate, "relation", spy)
+    monkeypatch.setattr(relations_module.GroupGate, "relation", spy)
     results = _results(dense_pbf, AREA_TYPES, TINY_BUDGET_MB, True)
     clipped_ids = set(range(COMPLETE + 1, COMPLETE + CLIPPED + 1))
     assert len(fed) == COMPLETE == len(set(fed))  # every complete relation once
