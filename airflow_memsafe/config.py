@@ -190,8 +190,8 @@ class MemsafeSettings:
         "file are left out.",
         unit="MB",
         above=0,
-        default_text="64 MB, or half the headroom under the hard limit if smaller",
-        example="64",
+        default_text="32 MB, or half the headroom under the hard limit if smaller",
+        example="48",
     )
     force_gc: bool = _setting(True, "Run gc.collect() and malloc_trim(0) between feature types.")
     progress_interval_s: float = _setting(

@@ -56,9 +56,10 @@ log = logging.getLogger(__name__)
 #: The assembler's relation store, measured (DESIGN.md): per member and per relation.
 RELATION_MEMBER_BYTES = 85
 RELATION_BYTES = 512
-#: Default store budget: with the streaming pass's ~120 MB it keeps a task within the
-#: baseline + ~150 MB of the memory targets (issue 15); smaller if the limit is tight.
-DEFAULT_RELATION_BUDGET_MB = 64.0
+#: Default store budget (smaller if the limit is tight). Measured on a relation-dense 940 MB
+#: PBF (landuse, CLI): 167 MB peak anonymous at 64 MB, 127 MB at 32 MB for +37 % time; the
+#: estimate under-counts the real store by ~20 % (2-node member ways).
+DEFAULT_RELATION_BUDGET_MB = 32.0
 _MIN_BUDGET_MB = 8.0
 #: Member ids held in RAM before they go to the spill file (8 B each: 8 MB).
 _SPILL_CHUNK = 1 << 20
@@ -67,6 +68,8 @@ _SPILL_CHUNK = 1 << 20
 _RUN_SIZE = 1 << 19
 #: Way ids of the file checked against the runs at once.
 _WAY_BATCH = 1 << 16
+#: Candidates grouped at once (Python ints: ~2.5 MB of temporaries).
+_PLAN_CHUNK = 1 << 16
 
 
 def relation_store_mb(relations: int, members: int) -> float:
@@ -165,32 +168,53 @@ class RelationGate:
 
 
 class GroupGate:
-    """The gate of one planned group: lets through only the relations in ``ids``."""
+    """The gate of one planned group: the ``k``-th candidate the C++ filters pass (the same
+    sequence in every read of the file) goes to the assembler iff the plan put it in
+    ``group``. Memory: none of its own (it reads the plan's arrays)."""
 
-    def __init__(self, ids: frozenset[int]) -> None:
-        self._ids = ids
+    def __init__(self, plan: RelationPlan, group: int) -> None:
+        assert plan.group_of is not None, "a single-group plan has no later groups"
+        self._ids = plan.candidate_ids
+        self._group_of = plan.group_of
+        self._group = group
+        self._k = 0
 
     def relation(self, rel: Any) -> bool:
         """True drops ``rel`` before the assembler."""
-        return rel.id not in self._ids
+        k = self._k
+        self._k = k + 1
+        if k >= len(self._ids) or self._ids[k] != rel.id:
+            raise RuntimeError(
+                f"relation {rel.id} is not the candidate the planning read saw at position "
+                f"{k}: the file changed while it was read"
+            )
+        return self._group_of[k] != self._group
 
 
 @dataclass
 class RelationPlan:
-    """The candidate relations split into groups that each fit the budget."""
+    """The candidate relations split into groups that each fit the budget.
+
+    Memory: 12 B per candidate (its id and its group), whatever the number of groups.
+    """
 
     budget_mb: float
     candidates: int
     members: int
-    #: Relation ids per group, in file order; one group ``None`` = all candidates, fed
-    #: during the planning read itself.
-    groups: list[frozenset[int] | None]
     group_relations: list[int]
     group_members: list[int]
+    #: Candidate ids in file order (as the C++ filters pass them) and each one's group
+    #: (-1: never fed, member ways missing). None: one group, fed during the planning read.
+    candidate_ids: array[int] = field(default_factory=lambda: array("q"))
+    group_of: array[int] | None = None
     #: Relations dropped because member ways are missing from the file (per job index).
     missing: int = 0
     missing_per_job: dict[int, int] = field(default_factory=dict)
     ways_checked: int = 0
+
+    @property
+    def group_count(self) -> int:
+        return len(self.group_relations)
 
     @property
     def estimated_mb(self) -> float:
@@ -203,7 +227,7 @@ class RelationPlan:
         ]
 
     def describe(self) -> str:
-        if len(self.groups) == 1 and self.groups[0] is None:
+        if self.group_of is None:
             return (
                 f"{self.candidates} candidate relations ({self.members} members, est. "
                 f"{self.estimated_mb:.1f} MB) fit relation_budget_mb={self.budget_mb:.0f}: "
@@ -213,7 +237,7 @@ class RelationPlan:
             f"{self.candidates} candidate relations ({self.members} members, est. "
             f"{self.estimated_mb:.1f} MB) over relation_budget_mb={self.budget_mb:.0f}: "
             f"{self.missing} dropped (member ways missing from the file, {self.ways_checked} "
-            f"ways checked), the rest in {len(self.groups)} group(s) of "
+            f"ways checked), the rest in {self.group_count} group(s) of "
             f"{self.group_relations} relations, est. {self.group_mb()} MB"
         )
 
@@ -222,7 +246,7 @@ class RelationPlan:
         return {
             "budget_mb": round(self.budget_mb, 1),
             "estimated_mb": round(self.estimated_mb, 1),
-            "groups": len(self.groups),
+            "groups": self.group_count,
             "relations_per_group": self.group_relations[:50],
             "estimated_mb_per_group": self.group_mb()[:50],
             "missing_members_dropped": self.missing,
@@ -235,7 +259,6 @@ def single_group(gate: RelationGate, candidates: CandidateLog) -> RelationPlan:
         gate.budget_mb,
         len(candidates),
         candidates.members,
-        [None],
         [len(candidates)],
         [candidates.members],
     )
@@ -340,30 +363,37 @@ def plan_groups(
             f"{available_mb:.0f} MB left under the hard limit even alone; give the worker "
             "more memory or leave its type out"
         )
-    groups: list[frozenset[int] | None] = []
+    # Greedy, in file order, a chunk of candidates at a time (bounded temporaries).
+    group_of = array("i", bytes(4 * len(candidates)))
+    group_of_np = np.frombuffer(group_of, dtype=np.int32)
+    group_of_np[:] = -1
     group_relations: list[int] = []
     group_members: list[int] = []
-    current: list[int] = []
-    members = 0
-    for rid, size in zip(ids[complete].tolist(), sizes[complete].tolist(), strict=True):
-        if current and relation_store_mb(len(current) + 1, members + size) > budget_mb:
-            groups.append(frozenset(current))
-            group_relations.append(len(current))
-            group_members.append(members)
-            current, members = [], 0
-        current.append(rid)
-        members += size
-    if current or not groups:
-        groups.append(frozenset(current))
-        group_relations.append(len(current))
+    group = relations = members = 0
+    built = np.flatnonzero(complete)
+    for start in range(0, len(built), _PLAN_CHUNK):
+        chunk = built[start : start + _PLAN_CHUNK]
+        labels = []
+        for size in sizes[chunk].tolist():
+            if relations and relation_store_mb(relations + 1, members + size) > budget_mb:
+                group_relations.append(relations)
+                group_members.append(members)
+                group, relations, members = group + 1, 0, 0
+            labels.append(group)
+            relations += 1
+            members += size
+        group_of_np[chunk] = labels
+    if relations or not group_relations:
+        group_relations.append(relations)
         group_members.append(members)
     plan = RelationPlan(
         budget_mb,
         len(candidates),
         candidates.members,
-        groups,
         group_relations,
         group_members,
+        candidate_ids=candidates.ids,
+        group_of=group_of,
         missing=int(np.count_nonzero(~complete)),
         missing_per_job=missing_per_job,
         ways_checked=ways,

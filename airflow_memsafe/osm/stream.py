@@ -539,10 +539,11 @@ def stream_types(
                         dispatch.node(obj)
             if needs_areas:
                 del manager  # group 1's relation store
-            later = [ids for ids in relations.groups[1:] if ids] if relations else []
-            for k, ids in enumerate(later, start=2):
-                log.info("%s: relation group %d of %d", names, k, len(later) + 1)
-                _later_group(source, jobs, ids, locations, areas, guard)
+            if relations is not None and relations.group_of is not None:
+                for later in range(1, relations.group_count):
+                    log.info("%s: relation group %d of %d", names, later + 1, relations.group_count)
+                    gate = GroupGate(relations, later)
+                    _later_group(source, jobs, gate, locations, areas, guard)
             group.flush()
             if extent:
                 box = _index_extent(index_file) if index_file else _python_extent(source.path)
@@ -616,7 +617,7 @@ def _plan_relations(
     log.info("%s: %s", names, plan.describe())
     manager = osmium.area.AreaManager()
     keys = sorted(_by_key(_area_jobs(jobs)))
-    _feed_relations(source, keys, GroupGate(plan.groups[0] or frozenset()), manager)
+    _feed_relations(source, keys, GroupGate(plan, 0), manager)
     for i, job in enumerate(_area_jobs(jobs)):  # the bit order of the candidate log
         job.relations_missing = plan.missing_per_job.get(i, 0)
     return manager, plan
@@ -625,18 +626,18 @@ def _plan_relations(
 def _later_group(
     source: PbfSource,
     jobs: Sequence[TypeJob],
-    ids: frozenset[int],
+    gate: GroupGate,
     locations: Any,
     areas: _AreaHandler,
     guard: PressureGuard,
 ) -> None:
-    """The areas of one later group of relations: its relations read into a new area
+    """The areas of one later group of relations: its relations (``gate``) read into a new area
     manager, then the ways (no nodes: their locations are in the node index kept from the
     main read). Closed-way areas were counted by the main read and are not dispatched
     again."""
     keys = sorted(_by_key(_area_jobs(jobs)))
     manager = osmium.area.AreaManager()
-    _feed_relations(source, keys, GroupGate(ids), manager)
+    _feed_relations(source, keys, gate, manager)
     located = osmium.NodeLocationsForWays(locations)
     located.ignore_errors()
     areas.relations_only = True

@@ -158,3 +158,47 @@ def test_member_ids_spill_to_disk_and_the_check_reads_them_back(
     complete, ways = relations_module.complete_relations(dense_pbf, log)
     assert complete.tolist() == [True] * COMPLETE + [False] * CLIPPED
     assert ways == COMPLETE * MEMBERS + CLIPPED * 2
+
+
+def _log_of(path: Path, scratch: Path) -> CandidateLog:
+    log = CandidateLog(scratch / "members.ids")
+    with osmium.io.Reader(str(path), osmium.osm.RELATION) as reader:
+        for rel in osmium.OsmFileIterator(reader):
+            log.add(rel.id, len(rel.members), [m.ref for m in rel.members if m.type == "w"], 1)
+    return log
+
+
+def test_the_plan_holds_an_id_and_a_group_per_candidate_and_the_gate_follows_it(
+    tmp_path: Path, dense_pbf: Path
+) -> None:
+    plan = plan_groups(
+        dense_pbf, _log_of(dense_pbf, tmp_path), TINY_BUDGET_MB, available_mb=1.0, names="x"
+    )
+    assert plan.group_of is not None and plan.group_count >= 3
+    # 12 B per candidate, no per-group sets: what the pass keeps for its later groups.
+    assert (plan.candidate_ids.itemsize, plan.group_of.itemsize) == (8, 4)
+    assert len(plan.candidate_ids) == len(plan.group_of) == COMPLETE + CLIPPED
+    assert list(plan.group_of)[COMPLETE:] == [-1] * CLIPPED  # clipped: never fed
+    fed = []
+    for group in range(plan.group_count):
+        gate = relations_module.GroupGate(plan, group)
+        with osmium.io.Reader(str(dense_pbf), osmium.osm.RELATION) as reader:
+            fed.append([r.id for r in osmium.OsmFileIterator(reader) if not gate.relation(r)])
+    assert [len(ids) for ids in fed] == plan.group_relations
+    assert sorted(i for ids in fed for i in ids) == list(range(1, COMPLETE + 1))
+
+
+def test_a_group_gate_refuses_relations_the_planning_read_did_not_see(
+    tmp_path: Path, dense_pbf: Path
+) -> None:
+    plan = plan_groups(
+        dense_pbf, _log_of(dense_pbf, tmp_path), TINY_BUDGET_MB, available_mb=1.0, names="x"
+    )
+    other = opl_to_pbf(relation_dense_opl(COMPLETE + 5, MEMBERS, 0), tmp_path / "other.osm.pbf")
+    gate = relations_module.GroupGate(plan, 1)
+    with (
+        osmium.io.Reader(str(other), osmium.osm.RELATION) as reader,
+        pytest.raises(RuntimeError, match="the file changed while it was read"),
+    ):
+        for rel in osmium.OsmFileIterator(reader):
+            gate.relation(rel)
