@@ -236,6 +236,13 @@ class OsmFactsHook(PostgresHook):
             lambda conn: self.fact_table.region_counts(conn, region_ids, snapshot, feature_types),
         )
 
+    def extent_area_km2(self, source_sha256: str) -> float | None:
+        """The area of the data extent of the PBF with this SHA-256, as an earlier task
+        computed it (``region_area_km2`` of a landed row whose ``extra.area_source`` is
+        ``extent``, any region and snapshot); None when no task computed it yet."""
+        doing = f"reading the data extent in {self.fact_table.qualified_name}"
+        return self._run(doing, lambda conn: self.fact_table.extent_area_km2(conn, source_sha256))
+
     def fact_rows(self, region_id: str | None, snapshot: str | None) -> list[dict[str, Any]]:
         """All columns of the matching fact rows (one per type: small)."""
         doing = f"reading {self.fact_table.qualified_name}"

@@ -15,7 +15,7 @@ from airflow_memsafe.config import MemsafeSettings, parse_bool, take_settings
 from airflow_memsafe.context import is_template, run_snapshot
 from airflow_memsafe.errors import FeatureExtractionFailed, PermanentError, is_permanent, one_line
 from airflow_memsafe.features import FeatureType, load_types_module, resolve_feature_types
-from airflow_memsafe.hooks import OsmFactsHook
+from airflow_memsafe.hooks import FactsDatabaseError, OsmFactsHook
 from airflow_memsafe.identifiers import validate_region_id, validate_snapshot
 from airflow_memsafe.lineage import ExtractLineage, operator_lineage
 from airflow_memsafe.memory.monitor import MemoryMonitor
@@ -226,6 +226,8 @@ class OsmFeatureExtractOperator(BaseOperator):
             hook.ensure_tables()
             location = self._check_connection_matches_asset(hook)
             landed = {} if reprocess else self._landed(hook, region_id, snapshot, source)
+            if any(ft.name not in landed for ft in types):
+                self._reuse_extent(hook, source, target)
             key = RowKey(region_id, snapshot, _lineage(source, ids))
             done = loop.run(types, source, target, key, landed, single_pass)
         self._lineage = ExtractLineage(
@@ -249,6 +251,26 @@ class OsmFeatureExtractOperator(BaseOperator):
         """Where the rows of this task go, once the PBF is open: one region, with its density
         area. The many-regions operator asks for its regions instead."""
         return OneRegion(density_area(source, self.boundary_path))
+
+    def _reuse_extent(self, hook: OsmFactsHook, source: PbfSource, target: RowTarget) -> None:
+        """A PBF without a header bbox (and no boundary): the area of its data extent, if an
+        earlier task of the same file (source hash) computed it, instead of computing it
+        again in the first read. The many-regions target has its regions' areas."""
+        if not isinstance(target, OneRegion) or target.area.km2 is not None:
+            return
+        try:
+            km2 = hook.extent_area_km2(source.sha256)
+        except FactsDatabaseError as exc:  # only a shortcut: the read computes it then
+            self.log.warning("cannot look up the data extent of %s: %s", source.name, exc)
+            return
+        if km2 is not None:
+            target.area = DensityArea(km2, "extent")
+            self.log.info(
+                "density area: reusing the data extent of source hash %s (%.3f km², computed "
+                "by an earlier task) instead of computing it",
+                source.sha256,
+                km2,
+            )
 
     def _landed(
         self, hook: OsmFactsHook, region_id: str, snapshot: str, source: PbfSource
@@ -328,9 +350,10 @@ class OsmFeatureExtractOperator(BaseOperator):
         return payload
 
 
-@dataclass(frozen=True)
+@dataclass
 class OneRegion:
-    """The one-region target: one read over the whole file, one row per type."""
+    """The one-region target: one read over the whole file, one row per type. A data
+    extent (no header bbox) is computed by the first read and reused by the later ones."""
 
     area: DensityArea
 
@@ -341,7 +364,9 @@ class OneRegion:
         settings: MemsafeSettings,
         monitor: MemoryMonitor,
     ) -> tuple[dict[str, FeatureResult], dict[str, BaseException]]:
-        return extract_pass(source, types, settings, area=self.area, monitor=monitor)
+        results, errors = extract_pass(source, types, settings, area=self.area, monitor=monitor)
+        self.area = self.area.resolved(results)
+        return results, errors
 
     def rows(
         self, ft: FeatureType, outcome: FeatureResult, key: RowKey

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.features import FeatureType
@@ -49,18 +50,33 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DensityArea:
     """The area densities are computed on, and where it comes from: ``boundary`` (a GeoJSON
-    polygon), ``header_bbox`` (the PBF header's box), or ``extent`` (the box of every node
-    location, found while the pass reads the nodes; ``km2`` is then None until it ran)."""
+    polygon), ``header_bbox`` (the PBF header's box), ``given``, or ``extent`` (the box of
+    every node location, found while a pass reads the nodes; ``km2`` is None until one read
+    computed it, then that read's value: a file's extent is computed once, see
+    :meth:`resolved`)."""
 
     km2: float | None
     source: str
+
+    def resolved(self, results: Mapping[str, FeatureResult]) -> DensityArea:
+        """This area after a read that gave ``results``: an extent still to compute becomes
+        the one that read computed (still ``extent``), so later reads of the same source
+        reuse it and choose their node index by size. Unchanged when known already, or
+        when no type of the read has a result."""
+        if self.km2 is not None:
+            return self
+        for result in results.values():
+            if result.region_area_km2 is not None:
+                return DensityArea(result.region_area_km2, self.source)
+        return self
 
 
 def density_area(
     source: PbfSource, boundary_path: str | os.PathLike[str] | None = None
 ) -> DensityArea:
-    """The boundary's area, else the header bbox's; else "extent", computed by the pass
-    (no extra read, no Python pass over the nodes)."""
+    """The boundary's area, else the header bbox's; else "extent", computed by the first
+    read (no extra read, no Python pass over the nodes) and reused by the later ones
+    (:meth:`DensityArea.resolved`)."""
     if boundary_path:
         return DensityArea(boundary_area_km2(boundary_path), "boundary")
     area = source.bbox_area_km2()
@@ -81,6 +97,10 @@ def extract_pass(
     type's result, and the exception of each type whose sink failed (the others are
     unaffected).
 
+    ``area`` "extent" without ``km2``: this read computes the extent (the node index is then
+    file-backed) and the rows' extra gets its box (``data_extent``); pass
+    ``area.resolved(results)`` to the next read of the same source to reuse it.
+
     Memory: the node-location index + one micro-batch per type + the bounded reader queue
     (:func:`~airflow_memsafe.osm.stream.stream_types`); independent of feature count.
     Raises :class:`InvalidPbfError` (corrupt or truncated file) and
@@ -92,8 +112,11 @@ def extract_pass(
     jobs = [TypeJob(ft, WholeFileSink(ft, settings.max_classes)) for ft in feature_types]
     run = stream_types(source, jobs, settings, monitor, extent=area.km2 is None)
     area_km2 = area.km2
-    if area_km2 is None:
+    extra: dict[str, Any] = {"area_source": area.source}
+    if area_km2 is None:  # computed by this read: the box goes to the rows, for users
         area_km2 = bbox_area_km2(*run.extent) if run.extent else 0.0
+        if run.extent:
+            extra["data_extent"] = list(run.extent)
     results: dict[str, FeatureResult] = {}
     for job in jobs:
         name = job.feature_type.name
@@ -106,7 +129,7 @@ def extract_pass(
             [area_km2],
             run.stats[name],
             skipped_in_rows=True,
-            extra={"area_source": area.source},
+            extra=extra,
         )
         results[name] = result
     return results, run.errors
@@ -160,6 +183,7 @@ def extract_feature_types(
     for ft in types:
         try:
             results, errors = extract_pass(source, [ft], settings, area=area, monitor=monitor)
+            area = area.resolved(results)  # a file's extent: computed by its first read only
             if errors:
                 raise errors[ft.name]
             yield results[ft.name]

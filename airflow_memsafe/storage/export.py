@@ -3,7 +3,7 @@
 Rows come from a server-side (named) cursor, ``chunk_size`` at a time, and each chunk is
 written before the next is fetched: CSV rows through the ``csv`` module, Parquet as one row
 group per chunk through ``pyarrow.parquet.ParquetWriter``. Memory is one chunk (about
-``chunk_size`` × 1 KB for the fact table's 21 columns) plus the writer, whatever the table
+``chunk_size`` × 1 KB for the fact table's 22 columns) plus the writer, whatever the table
 size. The file appears only when complete (written to ``PATH.partial``, then renamed).
 
 No Airflow import: the CLI uses it with a plain DSN; the operator with a PostgresHook

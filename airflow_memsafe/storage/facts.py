@@ -3,6 +3,10 @@
 Rows are keyed by (region_id, feature_type, snapshot); writing a snapshot again replaces its
 rows (``INSERT … ON CONFLICT DO UPDATE``). Each row is committed on its own, so a failure in
 a later feature type never touches rows already written.
+
+The rows also answer one question about their input file: the area of its data extent
+(:meth:`FactTable.extent_area_km2`), so a PBF without a header bbox has it computed once,
+not once per task.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from airflow_memsafe.storage.identifiers import (
     validate_snapshot,
 )
 
-__all__ = ["FACT_COLUMNS", "FactRow", "FactTable", "FeatureResult", "Lineage", "row_values"]
+__all__ = [
+    "EXTENT_SOURCE",
+    "FACT_COLUMNS",
+    "FactRow",
+    "FactTable",
+    "FeatureResult",
+    "Lineage",
+    "row_values",
+]
 
 DEFAULT_TABLE = "fact_geo_region_features"
 
@@ -48,9 +60,24 @@ FACT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("duration_s", "double precision"),
     ("peak_memory_mb", "double precision"),
     ("loaded_at", "timestamptz NOT NULL DEFAULT now()"),
+    # How the row was computed (the result's ``extra``): ``area_source`` of the density
+    # area, ``data_extent`` when the read computed it, the pass's memory figures. Last, and
+    # optional: tables created before it existed are written without it.
+    ("extra", "jsonb NOT NULL DEFAULT '{}'::jsonb"),
 )
 _KEY = ("region_id", "feature_type", "snapshot")
 _INSERTED = tuple(c for c, _ in FACT_COLUMNS if c != "loaded_at")
+#: Written only when the table has it (see :meth:`FactTable.has_extra`).
+_OPTIONAL = "extra"
+#: The ``area_source`` of rows whose ``region_area_km2`` is the data extent of their file.
+EXTENT_SOURCE = "extent"
+_IS_EXTENT = sql.SQL("(extra ->> 'area_source') = {}").format(sql.Literal(EXTENT_SOURCE))
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what ``json`` cannot encode itself: numpy scalars as numbers, else text."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else str(value)
 
 
 def where_equal(columns: dict[str, Any]) -> tuple[sql.Composable, list[Any]]:
@@ -87,6 +114,7 @@ def row_values(row: FactRow) -> dict[str, Any]:
         "task_id": li.task_id,
         "duration_s": r.duration_s,
         "peak_memory_mb": r.peak_memory_mb,
+        "extra": json.dumps(r.extra, ensure_ascii=False, default=_plain),
     }
 
 
@@ -97,6 +125,7 @@ class FactTable:
         self.schema = validate_identifier(schema, "schema name")
         self.table = validate_identifier(table, "table name")
         self.ident = sql.Identifier(self.schema, self.table)
+        self._has_extra: bool | None = None  # known once the table exists
 
     @property
     def qualified_name(self) -> str:
@@ -117,6 +146,10 @@ class FactTable:
             sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (snapshot, feature_type)").format(
                 sql.Identifier(f"{self.table}_snapshot_idx"[:63]), self.ident
             ),
+            # The extent rows of a source hash (extent_area_km2): a few rows per file.
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (source_sha256) WHERE {}").format(
+                sql.Identifier(f"{self.table}_extent_idx"[:63]), self.ident, _IS_EXTENT
+            ),
         ]
 
     def ensure(self, conn: Any) -> None:
@@ -128,14 +161,37 @@ class FactTable:
         """Insert or replace one row and commit it."""
         self.upsert_many(conn, [row])
 
+    def has_extra(self, conn: Any) -> bool:
+        """Whether the table has the ``extra`` column. Tables created by airflow-memsafe
+        0.1.0 do not: they are used as they are (no DDL on existing tables), their rows
+        written without it, and :meth:`extent_area_km2` finds nothing there. Asked once
+        per instance once the table exists (one catalog query)."""
+        if self._has_extra is None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(
+                    "SELECT c.oid IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute a "
+                    "WHERE a.attrelid = c.oid AND a.attname = %s AND a.attnum > 0 "
+                    "AND NOT a.attisdropped) "
+                    "FROM (SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) AS oid) c",
+                    (_OPTIONAL, self.schema, self.table),
+                )
+                exists, has = cur.fetchone()
+            if not exists:  # not created yet: it will be, with the column
+                return True
+            self._has_extra = bool(has)
+        return self._has_extra
+
     def upsert_many(self, conn: Any, rows: Iterable[FactRow]) -> None:
         """Insert or replace rows in one transaction and commit them (all or none): e.g. a
         feature type's rows for many regions. ``rows`` is consumed lazily."""
-        cols = sql.SQL(", ").join(map(sql.Identifier, _INSERTED))
-        params = sql.SQL(", ").join(sql.Placeholder(c) for c in _INSERTED)
+        inserted = (
+            _INSERTED if self.has_extra(conn) else tuple(c for c in _INSERTED if c != _OPTIONAL)
+        )
+        cols = sql.SQL(", ").join(map(sql.Identifier, inserted))
+        params = sql.SQL(", ").join(sql.Placeholder(c) for c in inserted)
         updates = sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
-            for c in _INSERTED
+            for c in inserted
             if c not in _KEY
         )
         statement = sql.SQL(
@@ -183,6 +239,22 @@ class FactTable:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(query, args)
             return {(r, ft): int(n) for r, ft, n in cur.fetchall()}
+
+    def extent_area_km2(self, conn: Any, source_sha256: str) -> float | None:
+        """``region_area_km2`` of a row computed from the file with this hash whose density
+        area was the file's data extent (``extra.area_source`` = ``extent``): any region,
+        any snapshot — the extent is a property of the file. None when there is none, or
+        the table has no ``extra`` column (:meth:`has_extra`)."""
+        if not self.has_extra(conn):
+            return None
+        query = sql.SQL(
+            "SELECT region_area_km2 FROM {} WHERE source_sha256 = %s AND {} "
+            "AND region_area_km2 IS NOT NULL ORDER BY loaded_at DESC LIMIT 1"
+        ).format(self.ident, _IS_EXTENT)
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(query, [source_sha256])
+            found = cur.fetchone()
+        return None if found is None else float(found[0])
 
     @staticmethod
     def where(
