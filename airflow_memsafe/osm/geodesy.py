@@ -32,6 +32,7 @@ __all__ = [
     "geodesic_areas_m2",
     "geodesic_lengths_m",
     "geometries_from_wkb",
+    "linestring_lengths_m",
     "segment_lengths_m",
 ]
 
@@ -95,6 +96,52 @@ def segment_lengths_m(
         _, _, exact = WGS84.inv(lon1[far], lat1[far], lon2[far], lat2[far])
         out[far] = exact
     return out
+
+
+#: Byte order 1 (little-endian) and geometry type 2 (2D LineString) of a WKB header.
+_LINESTRING_LE = np.frombuffer(b"\x01\x02\x00\x00\x00", dtype=np.uint8)
+_WKB_HEADER = 9  # byte order, type, number of points
+
+
+def linestring_lengths_m(wkbs: Sequence[bytes | str]) -> np.ndarray | None:
+    """Geodesic length in metres of each 2D LineString WKB (bytes or hex) as osmium's
+    ``WKBFactory`` writes them, decoded with numpy: no shapely object, no Python per
+    point. None when any is something else (other byte order or type): parse those with
+    :func:`geometries_from_wkb` and measure with :func:`geodesic_lengths_m`.
+
+    Memory: the batch's WKB twice (joined bytes, then its coordinates) plus the segment
+    arrays of :func:`segment_lengths_m`.
+    """
+    n = len(wkbs)
+    if n == 0:
+        return np.zeros(0)
+    try:  # join() refuses a mix of str and bytes
+        if isinstance(wkbs[0], str):
+            raw = bytes.fromhex("".join(wkbs))  # type: ignore[arg-type]
+            sizes = np.fromiter(map(len, wkbs), dtype=np.int64, count=n) // 2
+        else:
+            raw = b"".join(wkbs)  # type: ignore[arg-type]
+            sizes = np.fromiter(map(len, wkbs), dtype=np.int64, count=n)
+    except (TypeError, ValueError):
+        return None
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    points = (sizes - _WKB_HEADER) // 16
+    if (sizes < _WKB_HEADER).any() or ((sizes - _WKB_HEADER) % 16).any():
+        return None
+    header = buf[starts[:, None] + np.arange(_WKB_HEADER)]
+    declared = header[:, 5:9].copy().view("<u4").ravel()
+    if not ((header[:, :5] == _LINESTRING_LE).all() and (declared == points).all()):
+        return None
+    keep = np.ones(len(buf), dtype=bool)
+    keep[(starts[:, None] + np.arange(_WKB_HEADER)).ravel()] = False
+    coords = buf[keep].view("<f8").reshape(-1, 2)
+    owner = np.repeat(np.arange(n), points)
+    same = owner[1:] == owner[:-1]
+    a, b = coords[:-1][same], coords[1:][same]
+    dist = segment_lengths_m(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
+    return np.bincount(owner[:-1][same], weights=dist, minlength=n)
 
 
 def geodesic_lengths_m(geoms: np.ndarray) -> np.ndarray:

@@ -10,15 +10,22 @@ at the default 200 classes), whatever the number of features.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
 from airflow_memsafe.features import FeatureType, GeometryKind
 from airflow_memsafe.model import FeatureResult
-from airflow_memsafe.osm.geodesy import geodesic_areas_m2, geodesic_lengths_m, geometries_from_wkb
+from airflow_memsafe.osm.geodesy import (
+    geodesic_areas_m2,
+    geodesic_lengths_m,
+    geometries_from_wkb,
+    linestring_lengths_m,
+)
 
 __all__ = [
     "NO_WKB",
@@ -92,11 +99,15 @@ class Tally:
             self.amount += np.bincount(region_idx, weights=amounts, minlength=n)
         np.add.at(self.class_counts, (region_idx, classes), 1)
 
-    def add_all(self, classes: np.ndarray, amount: float) -> None:
-        """Every feature of a batch in region 0 (the whole-file case, no assignment)."""
-        self.count[0] += len(classes)
+    def add_all(self, value_counts: Mapping[str, int], amount: float) -> None:
+        """Every feature of a batch in region 0 (the whole-file case, no assignment), as
+        counts per class value in the order first seen (a ``Counter``: one Python step per
+        distinct value, not per feature)."""
+        columns = self.class_ids(value_counts)
+        counts = np.fromiter(value_counts.values(), dtype=np.int64, count=len(value_counts))
+        np.add.at(self.class_counts[0], columns, counts)
+        self.count[0] += int(counts.sum())
         self.amount[0] += amount
-        self.class_counts[0] += np.bincount(classes, minlength=self.max_classes + 1)
 
     def _class_names(self) -> list[str]:
         names = [""] * (self.max_classes + 1)
@@ -161,10 +172,13 @@ class WholeFileSink:
 
     def measure(self, batch: list[Feature]) -> None:
         """Sink of a micro-batch: one vectorised metric call per batch."""
-        classes = self.tally.class_ids(value for _, value in batch)
         amount = 0.0
         if self.ft.geometry is GeometryKind.LINE:
-            amount = float(geodesic_lengths_m(geometries_from_wkb([w for w, _ in batch])).sum())
+            wkbs = list(map(itemgetter(0), batch))
+            lengths = linestring_lengths_m(wkbs)  # osmium's linestrings: no shapely parse
+            if lengths is None:
+                lengths = geodesic_lengths_m(geometries_from_wkb(wkbs))
+            amount = float(lengths.sum())
         elif self.ft.geometry is GeometryKind.AREA:
             amount = float(geodesic_areas_m2(geometries_from_wkb([w for w, _ in batch])).sum())
-        self.tally.add_all(classes, amount)
+        self.tally.add_all(Counter(map(itemgetter(1), batch)), amount)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import osmium
@@ -11,13 +12,16 @@ import shapely
 from conftest import MONACO
 from pyproj import Transformer
 
+from airflow_memsafe.features import resolve_feature_types
 from airflow_memsafe.osm.geodesy import (
     WGS84,
     bbox_area_km2,
     geodesic_areas_m2,
     geodesic_lengths_m,
     geometries_from_wkb,
+    linestring_lengths_m,
 )
+from airflow_memsafe.osm.tally import Tally
 
 A = 6378137.0
 F = 1 / 298.257223563
@@ -104,3 +108,57 @@ def test_all_monaco_areas_and_lengths_agree_with_pyproj() -> None:
     assert np.max(np.abs(ours_a - ref_a)) < 0.01
     assert ours_a.sum() == pytest.approx(ref_a.sum(), rel=1e-7)
     assert np.allclose(ours_l, ref_l, rtol=1e-7, atol=1e-6)
+
+
+def _monaco_highways() -> list[str]:
+    factory = osmium.geom.WKBFactory()
+    out = []
+    fp = osmium.FileProcessor(str(MONACO)).with_locations()
+    for way in fp.with_filter(osmium.filter.KeyFilter("highway")):
+        if isinstance(way, osmium.osm.Way):
+            try:
+                out.append(factory.create_linestring(way))
+            except (RuntimeError, osmium.InvalidLocationError):
+                continue
+    return out
+
+
+def test_linestrings_decoded_with_numpy_measure_what_shapely_parsed_ones_do() -> None:
+    """The line types' fast path (no shapely object) gives the same lengths to the bit."""
+    hexes = _monaco_highways()
+    crossing = shapely.to_wkb(shapely.LineString([(179.9, 10), (-179.9, 10.5)]), hex=True)
+    long_one = shapely.to_wkb(shapely.LineString([(0, 0), (3, 1), (3, 1), (5, 2)]), hex=True)
+    for wkbs in (hexes, [bytes.fromhex(h) for h in hexes], [crossing, long_one, *hexes[:9]]):
+        fast = linestring_lengths_m(wkbs)
+        assert fast is not None
+        np.testing.assert_array_equal(fast, geodesic_lengths_m(geometries_from_wkb(wkbs)))
+    assert len(hexes) > 2000
+    assert linestring_lengths_m([]) is not None and len(linestring_lengths_m([])) == 0  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        shapely.to_wkb(shapely.MultiLineString([[(0, 0), (1, 1)]]), hex=True),
+        shapely.to_wkb(shapely.LineString([(0, 0), (1, 1)]), hex=True, byte_order=0),
+        shapely.to_wkb(shapely.LineString([(0, 0, 1), (1, 1, 2)]), hex=True),
+        shapely.to_wkb(shapely.LineString([(0, 0), (1, 1)])),  # bytes beside hex
+        "01020000",  # truncated
+    ],
+    ids=["multilinestring", "big_endian", "3d", "mixed", "truncated"],
+)
+def test_what_the_fast_path_does_not_know_is_left_to_shapely(other: str | bytes) -> None:
+    line = shapely.to_wkb(shapely.LineString([(0, 0), (1, 1)]), hex=True)
+    assert linestring_lengths_m([line, other]) is None  # type: ignore[list-item]
+
+
+def test_class_counts_per_value_keep_first_seen_columns_and_the_cap() -> None:
+    [roads] = resolve_feature_types(["roads"])
+    values = ["primary", "service", "primary", "track", "service", "path", "primary"]
+    by_feature, by_value = Tally(roads, 1, 2), Tally(roads, 1, 2)
+    by_feature.add(np.zeros(len(values), np.int64), by_feature.class_ids(values), None)
+    by_value.add_all(Counter(values), 0.0)
+    assert by_value.vocabulary == by_feature.vocabulary == {"primary": 0, "service": 1}
+    np.testing.assert_array_equal(by_value.class_counts, by_feature.class_counts)
+    assert by_value.class_counts[0].tolist() == [3, 2, 2]  # track and path: the cap column
+    assert int(by_value.count[0]) == len(values)
