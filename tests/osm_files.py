@@ -48,6 +48,17 @@ def count_points(pbf: Path, key: str, value: str) -> int:
 # data; a PrimitiveBlock's field 1 is its StringTable, whose field 1 repeats the strings.
 
 
+def python_node_extent(path: Path) -> tuple[float, float, float, float]:
+    """(min_lon, min_lat, max_lon, max_lat) of every valid node location, read in Python:
+    the independent value the engine's extent is checked against."""
+    lons, lats = [], []
+    for node in osmium.FileProcessor(str(path), osmium.osm.NODE):
+        if node.location.valid():  # type: ignore[union-attr]  # NODE only
+            lons.append(node.location.lon)  # type: ignore[union-attr]
+            lats.append(node.location.lat)  # type: ignore[union-attr]
+    return min(lons), min(lats), max(lons), max(lats)
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from airflow_helpers import load_example_dag, monaco_extract, new_dag, run_dag
 from conftest import MONACO, PgServer
+from osm_files import python_node_extent
 
 from airflow_memsafe.hooks import OsmFactsHook
 from airflow_memsafe.osm import extract
@@ -51,15 +52,6 @@ def extent_args(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return calls
 
 
-def _node_extent(path: Path) -> tuple[float, float, float, float]:
-    lons, lats = [], []
-    for node in osmium.FileProcessor(str(path), osmium.osm.NODE):
-        if node.location.valid():
-            lons.append(node.location.lon)
-            lats.append(node.location.lat)
-    return min(lons), min(lats), max(lons), max(lats)
-
-
 def _rows(pg: PgServer, schema: str) -> list[dict[str, Any]]:
     with pg.connect(autocommit=True) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         cur.execute(
@@ -91,7 +83,7 @@ def test_the_per_type_dag_computes_the_extent_in_one_task_only(
 
     rows = _rows(pg_server, pg_schema)
     assert len(rows) == 8
-    expected = bbox_area_km2(*_node_extent(no_bbox_monaco))
+    expected = bbox_area_km2(*python_node_extent(no_bbox_monaco))
     for row in rows:
         assert row["extra"]["area_source"] == "extent"
         assert row["region_area_km2"] == pytest.approx(expected, rel=1e-9)
@@ -99,7 +91,7 @@ def test_the_per_type_dag_computes_the_extent_in_one_task_only(
             assert row["density_per_km2"] == row["feature_count"] / row["region_area_km2"]
     assert len({row["region_area_km2"] for row in rows}) == 1  # exactly the first task's
     [computed] = [row for row in rows if "data_extent" in row["extra"]]
-    assert computed["extra"]["data_extent"] == pytest.approx(_node_extent(no_bbox_monaco))
+    assert computed["extra"]["data_extent"] == pytest.approx(python_node_extent(no_bbox_monaco))
 
     # Another region and snapshot of the same file, two types in one task: no read computes
     # the extent (it is a property of the file), and the loop keeps it for its second type.

@@ -11,7 +11,7 @@ from typing import Any
 import osmium
 import pytest
 from conftest import MONACO, REPO
-from osm_files import opl_to_pbf
+from osm_files import opl_to_pbf, python_node_extent
 from test_extract_opl import OPL
 
 from airflow_memsafe.config import MemsafeSettings
@@ -169,15 +169,6 @@ def test_assembler_sees_only_keyed_closed_ways_without_candidate_relations(
     assert monaco.feature_count <= monaco.extra["assembled_areas"] <= _closed_ways(MONACO)
 
 
-def _python_extent(path: Path) -> tuple[float, float, float, float]:
-    lons, lats = [], []
-    for node in osmium.FileProcessor(str(path), osmium.osm.NODE):
-        if node.location.valid():
-            lons.append(node.location.lon)
-            lats.append(node.location.lat)
-    return min(lons), min(lats), max(lons), max(lats)
-
-
 def test_density_without_header_bbox_is_the_extent_without_a_python_node_pass(
     opl_pbf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -186,7 +177,7 @@ def test_density_without_header_bbox_is_the_extent_without_a_python_node_pass(
     real = stream._python_extent
     monkeypatch.setattr(stream, "_python_extent", lambda p: calls.append(p) or real(p))
     results = list(extract_feature_types(opl_pbf, ALL, single_pass=True))
-    expected = bbox_area_km2(*_python_extent(opl_pbf))
+    expected = bbox_area_km2(*python_node_extent(opl_pbf))
     for r in results:
         assert r.extra["area_source"] == "extent"
         assert r.region_area_km2 == pytest.approx(expected, rel=1e-12)
@@ -202,4 +193,4 @@ def test_forced_in_memory_index_still_finds_the_extent(opl_pbf: Path) -> None:
     [roads] = extract_feature_types(
         opl_pbf, resolve_feature_types("roads"), MemsafeSettings(node_index="flex_mem")
     )
-    assert roads.region_area_km2 == pytest.approx(bbox_area_km2(*_python_extent(opl_pbf)))
+    assert roads.region_area_km2 == pytest.approx(bbox_area_km2(*python_node_extent(opl_pbf)))
