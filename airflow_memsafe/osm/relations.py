@@ -8,7 +8,7 @@ input. So the relations pass goes through a Python gate (:class:`RelationGate`, 
 candidate relation, never per node or way) that:
 
 1. counts the candidates per feature type and records their ids and member way ids
-   (:class:`CandidateLog`: 16 B per relation in RAM, the member ids in a temp file);
+   (:class:`CandidateLog`: 32 B per relation in RAM, the member ids in a temp file);
 2. hands them to the assembler while their estimated store fits ``relation_budget_mb``.
 
 When everything fits (the common case) that one read was the assembler's first pass and
@@ -89,8 +89,8 @@ def relation_budget_mb(configured_mb: float | None, *, headroom_mb: float) -> fl
 class CandidateLog:
     """Ids, member counts and member way ids of candidate relations, in file order.
 
-    Memory: 16 B per relation in RAM plus at most ``_SPILL_CHUNK`` member ids (8 MB); the
-    rest of the member ids go to ``spill_path`` (8 B each, on disk).
+    Memory: 32 B per relation in RAM (id, members, way members, type mask) plus at most
+    ``_SPILL_CHUNK`` member ids (8 MB); the rest go to ``spill_path`` (8 B each, on disk).
     """
 
     def __init__(self, spill_path: Path) -> None:
