@@ -137,7 +137,12 @@ def linestring_lengths_m(wkbs: Sequence[bytes | str]) -> np.ndarray | None:
     keep = np.ones(len(buf), dtype=bool)
     keep[(starts[:, None] + np.arange(_WKB_HEADER)).ravel()] = False
     coords = buf[keep].view("<f8").reshape(-1, 2)
-    owner = np.repeat(np.arange(n), points)
+    return _polyline_lengths_m(coords, np.repeat(np.arange(n), points), n)
+
+
+def _polyline_lengths_m(coords: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Length in metres of ``n`` polylines whose vertices are ``coords`` (lon, lat rows),
+    ``owner`` giving each vertex's polyline (consecutive vertices of one polyline)."""
     same = owner[1:] == owner[:-1]
     a, b = coords[:-1][same], coords[1:][same]
     dist = segment_lengths_m(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
@@ -153,10 +158,7 @@ def geodesic_lengths_m(geoms: np.ndarray) -> np.ndarray:
     coords, idx = shapely.get_coordinates(parts, return_index=True)
     if len(coords) < 2:
         return out
-    same = idx[1:] == idx[:-1]
-    a, b = coords[:-1][same], coords[1:][same]
-    dist = segment_lengths_m(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
-    per_part = np.bincount(idx[:-1][same], weights=dist, minlength=len(parts))
+    per_part = _polyline_lengths_m(coords, idx, len(parts))
     return np.bincount(part_owner, weights=per_part, minlength=len(geoms))
 
 
