@@ -221,8 +221,8 @@ def _extract(args: argparse.Namespace) -> int:
     types = resolve_feature_types(args.types)
     results: list[dict[str, Any]] = []
     for region_id, result in _results(args, types, settings):
+        # JSON keeps ``extra`` (relation plan, memory figures, area source), as in the row.
         row = {"region_id": region_id, **result.to_dict()}
-        row.pop("extra", None)
         results.append(row)
         if not args.json:
             metric = (

@@ -48,7 +48,11 @@ def test_extract_json_all_types() -> None:
         assert KEYS <= set(row)
         assert row["region_id"] == "monaco"
         assert row["peak_memory_mb"] > 0
+        # What the row's extra column holds: the memory figures of the pass.
+        assert row["extra"]["working_set_peak_mb"] > 0
     by = {r["feature_type"]: r for r in rows}
+    # Area types report their relation plan (the sample's candidates fit one assembly).
+    assert by["landuse"]["extra"]["relation_plan"]["groups"] == 1
     assert by["roads"]["feature_count"] == 2852
     assert by["roads"]["length_km"] == pytest.approx(136.30, rel=0.005)
     assert by["buildings"]["area_km2"] == pytest.approx(0.7321, rel=0.005)
