@@ -12,7 +12,8 @@ filters and so assembles every closed way of the file:
    through a Python gate (:mod:`airflow_memsafe.osm.relations`: one call per candidate)
    into the area manager's first pass while their estimated store fits
    ``relation_budget_mb``; past it, relations whose member ways are missing are dropped
-   and the rest assembled in groups, one relations read + one ways read per later group.
+   and the rest assembled in groups: the first in the main read, the later ones from their
+   spill files (:mod:`airflow_memsafe.osm.group_spill`), which the main read writes.
 2. **nodes and ways**: node locations → (no candidate relation: a C++ ``KeyFilter`` of the
    requested keys, so the assembler sees only closed ways that can count) → the area
    assembler → key filters → Python. With candidate relations every way reaches the
@@ -48,6 +49,7 @@ from airflow_memsafe.memory.adaptive import PressureGuard
 from airflow_memsafe.memory.budget import plan_feature_type
 from airflow_memsafe.memory.monitor import MemoryMonitor
 from airflow_memsafe.osm.batching import MicroBatch
+from airflow_memsafe.osm.group_spill import GroupSpill
 from airflow_memsafe.osm.integrity import (
     FIRST_ID,
     OrderCheck,
@@ -355,6 +357,7 @@ def _feed_relations(
         chain = [relation_type, relation_keys, gate, manager.first_pass_handler()]
         for _ in osmium.OsmFileIterator(rd, *chain):
             pass
+    gate.finish()  # a later group's gate: were these the planning read's candidates?
 
 
 def _first_pass(
@@ -499,11 +502,14 @@ def stream_types(
             located = osmium.NodeLocationsForWays(locations)
             located.ignore_errors()
             handlers.append(located)
+            spill: GroupSpill | None = None
             if needs_areas:
                 assert scratch is not None
-                manager, relations = _plan_relations(
+                manager, relations, spill = _plan_relations(
                     source, jobs, order, budget_mb, available_mb, scratch, names
                 )
+                if spill is not None:
+                    handlers.append(spill)  # every way, located: the later groups' members
                 if not relations.group_relations[0]:
                     # No candidate relation: only closed ways with a requested key can
                     # become areas that count; the assembler sees no other way.
@@ -539,11 +545,17 @@ def stream_types(
                         dispatch.node(obj)
             if needs_areas:
                 del manager  # group 1's relation store
-            if relations is not None and relations.group_of is not None:
+            if relations is not None and spill is not None:
+                spill.ways_done()
+                log.info(
+                    "%s: %d member ways of relation groups 2-%d spilled",
+                    names,
+                    spill.member_ways,
+                    relations.group_count,
+                )
                 for later in range(1, relations.group_count):
                     log.info("%s: relation group %d of %d", names, later + 1, relations.group_count)
-                    gate = GroupGate(relations, later)
-                    _later_group(source, jobs, gate, locations, areas, guard)
+                    _later_group(spill, later, areas, guard)
             group.flush()
             if extent:
                 box = _index_extent(index_file) if index_file else _python_extent(source.path)
@@ -603,53 +615,50 @@ def _plan_relations(
     available_mb: float,
     scratch: Path,
     names: str,
-) -> tuple[Any, RelationPlan]:
-    """The area manager of the first group, its relations fed, and the plan of all groups.
+) -> tuple[Any, RelationPlan, GroupSpill | None]:
+    """The area manager of the first group, its relations fed, the plan of all groups and,
+    with later groups, their spill (:mod:`~airflow_memsafe.osm.group_spill`).
 
     One relations read when the candidates fit ``budget_mb`` (the common case); past it, a
     ways read learns which relations can be built (:func:`~airflow_memsafe.osm.relations.
-    plan_groups`) and a second relations read feeds the first group."""
+    plan_groups`) and a second relations read feeds the first group and spills the later
+    groups' relations."""
     manager, gate, candidates = _first_pass(source, jobs, order, budget_mb, scratch)
     if not gate.over_budget:
-        return manager, single_group(gate, candidates)
+        return manager, single_group(gate, candidates), None
     del manager  # the partial store: replaced by the first group's
     plan = plan_groups(source.path, candidates, budget_mb, available_mb=available_mb, names=names)
     log.info("%s: %s", names, plan.describe())
+    spill = None
+    if plan.group_count > 1:
+        spill = GroupSpill(scratch, plan.group_count)
+        spill.build(candidates.way_refs(), plan.member_groups(candidates))
     manager = osmium.area.AreaManager()
     keys = sorted(_by_key(_area_jobs(jobs)))
-    _feed_relations(source, keys, GroupGate(plan, 0), manager)
+    _feed_relations(source, keys, GroupGate(plan, 0, spill), manager)
     for i, job in enumerate(_area_jobs(jobs)):  # the bit order of the candidate log
         job.relations_missing = plan.missing_per_job.get(i, 0)
-    return manager, plan
+    return manager, plan, spill
 
 
-def _later_group(
-    source: PbfSource,
-    jobs: Sequence[TypeJob],
-    gate: GroupGate,
-    locations: Any,
-    areas: _AreaHandler,
-    guard: PressureGuard,
-) -> None:
-    """The areas of one later group of relations: its relations (``gate``) read into a new area
-    manager, then the ways (no nodes: their locations are in the node index kept from the
-    main read). Closed-way areas were counted by the main read and are not dispatched
-    again."""
-    keys = sorted(_by_key(_area_jobs(jobs)))
+def _later_group(spill: GroupSpill, group: int, areas: _AreaHandler, guard: PressureGuard) -> None:
+    """The areas of one later group of relations, from its two spill files: its relations
+    into a new area manager, then its member ways with their node locations (no PBF, no
+    node index). Closed-way areas were counted by the main read; the spill has none."""
+    relations_opl, ways_opl = spill.files(group)
     manager = osmium.area.AreaManager()
-    _feed_relations(source, keys, gate, manager)
-    located = osmium.NodeLocationsForWays(locations)
-    located.ignore_errors()
+    first = manager.first_pass_handler()
+    with osmium.io.Reader(osmium.io.File(str(relations_opl), "opl"), osmium.osm.RELATION) as rd:
+        for _ in osmium.OsmFileIterator(rd, first):
+            pass
     areas.relations_only = True
-    # Python sees the keyed ways only (the memory check's chance to run).
-    keyed = osmium.filter.KeyFilter(*sorted({j.feature_type.key for j in jobs}))
-    keyed.enable_for(osmium.osm.WAY)
-    with osmium.io.Reader(pbf_file(source.path), osmium.osm.WAY) as reader:
-        chain = [located, manager.second_pass_handler(areas), keyed]
-        for n, _ in enumerate(osmium.OsmFileIterator(reader, *chain)):
+    second = manager.second_pass_handler(areas)
+    with osmium.io.Reader(osmium.io.File(str(ways_opl), "opl"), osmium.osm.WAY) as reader:
+        for n, _ in enumerate(osmium.OsmFileIterator(reader, second)):
             if not n % _CHECK_EVERY:
                 guard.check()
-    del manager
+    del first, second, manager
+    spill.remove(group)
 
 
 class _AreaHandler:

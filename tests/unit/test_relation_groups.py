@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import osmium
 import pytest
 from conftest import MONACO
@@ -17,10 +18,11 @@ from test_single_pass import ALL, METRICS
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.features import resolve_feature_types
 from airflow_memsafe.memory.monitor import MemoryBudgetExceeded
+from airflow_memsafe.osm import group_spill
 from airflow_memsafe.osm import relations as relations_module
 from airflow_memsafe.osm.extract import extract_feature_types
 from airflow_memsafe.osm.regions import extract_regions_types, grid_geojson, load_regions
-from airflow_memsafe.osm.relations import CandidateLog, plan_groups
+from airflow_memsafe.osm.relations import CandidateLog, GroupGate, plan_groups
 from memsafe_dev.synthetic import relation_dense_opl
 
 AREA_TYPES = resolve_feature_types(["landuse", "natural"])
@@ -111,16 +113,25 @@ def test_many_regions_in_groups_equal_one_group(tmp_path: Path, dense_pbf: Path)
 def test_relations_with_missing_members_never_reach_the_assembler(
     dense_pbf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fed: list[int] = []  # what the planned groups' gates let through to the assembler
-    real = relations_module.GroupGate.relation
+    # What reaches an assembler: the first group through its gate, the later groups
+    # through their spill files (the relations the first group's gate writes there).
+    fed: list[int] = []
+    gate_relation = relations_module.GroupGate.relation
+    spill_relation = group_spill.GroupSpill.add_relation
 
-    def spy(self: Any, rel: Any) -> bool:
-        dropped = real(self, rel)
+    def gate_spy(self: Any, rel: Any) -> bool:
+        dropped = gate_relation(self, rel)
         if not dropped:
             fed.append(rel.id)
         return dropped
 
-    monkeypatch.setattr(relations_module.GroupGate, "relation", spy)
+    def spill_spy(self: Any, group: int, rel: Any) -> None:
+        assert group >= 1
+        fed.append(rel.id)
+        spill_relation(self, group, rel)
+
+    monkeypatch.setattr(relations_module.GroupGate, "relation", gate_spy)
+    monkeypatch.setattr(group_spill.GroupSpill, "add_relation", spill_spy)
     results = _results(dense_pbf, AREA_TYPES, TINY_BUDGET_MB, True)
     clipped_ids = set(range(COMPLETE + 1, COMPLETE + CLIPPED + 1))
     assert len(fed) == COMPLETE == len(set(fed))  # every complete relation once
@@ -168,37 +179,73 @@ def _log_of(path: Path, scratch: Path) -> CandidateLog:
     return log
 
 
-def test_the_plan_holds_an_id_and_a_group_per_candidate_and_the_gate_follows_it(
+def _gate_read(path: Path, gate: Any) -> list[int]:
+    """What ``gate`` lets through to the assembler in one relations read of ``path`` (as
+    the pass reads: every relation through the gate, then its end-of-read check)."""
+    with osmium.io.Reader(str(path), osmium.osm.RELATION) as reader:
+        fed = [r.id for r in osmium.OsmFileIterator(reader) if not gate.relation(r)]
+    gate.finish()
+    return fed
+
+
+def test_the_plan_holds_a_bit_per_candidate_and_the_gates_follow_it(
     tmp_path: Path, dense_pbf: Path
 ) -> None:
     plan = plan_groups(
         dense_pbf, _log_of(dense_pbf, tmp_path), TINY_BUDGET_MB, available_mb=1.0, names="x"
     )
-    assert plan.group_of is not None and plan.group_count >= 3
-    # 12 B per candidate, no per-group sets: what the pass keeps for its later groups.
-    assert (plan.candidate_ids.itemsize, plan.group_of.itemsize) == (8, 4)
-    assert len(plan.candidate_ids) == len(plan.group_of) == COMPLETE + CLIPPED
-    assert list(plan.group_of)[COMPLETE:] == [-1] * CLIPPED  # clipped: never fed
-    fed = []
-    for group in range(plan.group_count):
-        gate = relations_module.GroupGate(plan, group)
-        with osmium.io.Reader(str(dense_pbf), osmium.osm.RELATION) as reader:
-            fed.append([r.id for r in osmium.OsmFileIterator(reader) if not gate.relation(r)])
+    assert plan.complete_bits is not None and plan.group_count >= 3
+    # One bit per candidate and one position per group: nothing grows with the candidates
+    # but the bits (before: an id and a group per candidate, 12 B).
+    assert plan.complete_bits.nbytes == -(-(COMPLETE + CLIPPED) // 8)
+    assert len(plan.group_starts) == plan.group_count + 1
+    bits = np.unpackbits(plan.complete_bits)[: COMPLETE + CLIPPED]
+    assert bits.tolist() == [1] * COMPLETE + [0] * CLIPPED
+    fed = [_gate_read(dense_pbf, GroupGate(plan, g)) for g in range(plan.group_count)]
     assert [len(ids) for ids in fed] == plan.group_relations
     assert sorted(i for ids in fed for i in ids) == list(range(1, COMPLETE + 1))
 
 
+def test_the_candidate_log_stays_on_disk_and_reads_back_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dense_pbf: Path
+) -> None:
+    monkeypatch.setattr(relations_module, "_LOG_CHUNK", 4)
+    monkeypatch.setattr(relations_module, "_PLAN_CHUNK", 5)  # plan chunks cut groups
+    log = _log_of(dense_pbf, tmp_path)
+    assert (tmp_path / "members.candidates").stat().st_size == 24 * (COMPLETE + CLIPPED - 1)
+    records = log.records()
+    assert records["id"].tolist() == list(range(1, COMPLETE + CLIPPED + 1))
+    # A clipped relation: 2 member ways in the file + 20 outside.
+    assert records["members"].tolist() == [MEMBERS] * COMPLETE + [22] * CLIPPED
+    assert records["ways"].tolist() == records["members"].tolist()
+    small = plan_groups(dense_pbf, log, TINY_BUDGET_MB, available_mb=1.0, names="x")
+    monkeypatch.setattr(relations_module, "_PLAN_CHUNK", 1 << 16)
+    (tmp_path / "w").mkdir()
+    whole = plan_groups(
+        dense_pbf, _log_of(dense_pbf, tmp_path / "w"), TINY_BUDGET_MB, available_mb=1.0, names="x"
+    )
+    assert (small.group_starts, small.group_relations, small.ids_checksum) == (
+        whole.group_starts,
+        whole.group_relations,
+        whole.ids_checksum,
+    )
+
+
+@pytest.mark.parametrize(
+    "other", [(COMPLETE + 5, 0), (COMPLETE, CLIPPED + 1)], ids=["more", "other_ids"]
+)
 def test_a_group_gate_refuses_relations_the_planning_read_did_not_see(
-    tmp_path: Path, dense_pbf: Path
+    tmp_path: Path, dense_pbf: Path, other: tuple[int, int]
 ) -> None:
     plan = plan_groups(
         dense_pbf, _log_of(dense_pbf, tmp_path), TINY_BUDGET_MB, available_mb=1.0, names="x"
     )
-    other = opl_to_pbf(relation_dense_opl(COMPLETE + 5, MEMBERS, 0), tmp_path / "other.osm.pbf")
-    gate = relations_module.GroupGate(plan, 1)
-    with (
-        osmium.io.Reader(str(other), osmium.osm.RELATION) as reader,
-        pytest.raises(RuntimeError, match="the file changed while it was read"),
-    ):
-        for rel in osmium.OsmFileIterator(reader):
-            gate.relation(rel)
+    # More candidates than planned; or as many, with other ids (relations renumbered).
+    complete, clipped = other
+    opl = relation_dense_opl(complete, MEMBERS, clipped)
+    if clipped > CLIPPED:
+        opl = opl.replace(f"\nr{COMPLETE + 1} ", "\nr999 ", 1)
+        opl = "\n".join(line for line in opl.split("\n") if not line.startswith("r34 "))
+    changed = opl_to_pbf(opl, tmp_path / "other.osm.pbf")
+    with pytest.raises(RuntimeError, match="the file changed while it was read"):
+        _gate_read(changed, GroupGate(plan, 1))
