@@ -187,11 +187,11 @@ class MemsafeSettings:
         None,
         "Largest estimated store of candidate multipolygon relations in the area assembler "
         "(~85 B per member + 0.5 KB per relation); past it the relations are assembled in "
-        "groups, one extra read per group, and relations with member ways missing from the "
-        "file are left out.",
+        "groups (the later ones from a spill file each), and relations with member ways "
+        "missing from the file are left out.",
         unit="MB",
         above=0,
-        default_text="32 MB, or half the headroom under the hard limit if smaller",
+        default_text="16 MB, or half the headroom under the hard limit if smaller",
         example="48",
     )
     force_gc: bool = _setting(True, "Run gc.collect() and malloc_trim(0) between feature types.")

@@ -60,10 +60,11 @@ log = logging.getLogger(__name__)
 #: The assembler's relation store, measured (DESIGN.md): per member and per relation.
 RELATION_MEMBER_BYTES = 85
 RELATION_BYTES = 512
-#: Default store budget (smaller if the limit is tight). Measured on a relation-dense 940 MB
-#: PBF (landuse, CLI): 167 MB peak anonymous at 64 MB, 127 MB at 32 MB for +37 % time; the
-#: estimate under-counts the real store by ~20 % (2-node member ways).
-DEFAULT_RELATION_BUDGET_MB = 32.0
+#: Default store budget (smaller if the limit is tight). Measured on the relation-dense
+#: 188 MB tile (8 types, CLI single pass, later groups from the spill): 140 MB peak anonymous
+#: at 32 MB in 66 s, 110 MB at 16 MB in 75 s, 104 MB at 8 MB in 69 s: 16 MB is the knee.
+#: The real store is larger than the estimate (~1.8x on 2-node member ways).
+DEFAULT_RELATION_BUDGET_MB = 16.0
 _MIN_BUDGET_MB = 8.0
 #: Member ids held in RAM before they go to the spill file (8 B each: 8 MB).
 _SPILL_CHUNK = 1 << 20
