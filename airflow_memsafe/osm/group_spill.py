@@ -198,7 +198,8 @@ class GroupSpill:
     # -- 3. member ways (the main read) -------------------------------------------------
 
     def way(self, way: Any) -> None:
-        """The handler in the main read's chain: every way, after its node locations."""
+        """The handler in the main read's chain: every way, after its node locations, in id
+        order (the area assembler refuses a file that is not sorted: one-line error)."""
         nxt = self._next_id
         if nxt is None:
             return

@@ -13,6 +13,7 @@ import pytest
 from osm_files import opl_to_pbf
 
 from airflow_memsafe.config import MemsafeSettings
+from airflow_memsafe.errors import InvalidPbfError
 from airflow_memsafe.features import resolve_feature_types
 from airflow_memsafe.osm import group_spill, stream
 from airflow_memsafe.osm.extract import extract_feature_types
@@ -123,7 +124,9 @@ def test_pairs_sorted_in_many_buckets_give_each_way_all_its_groups(
         spill.way(Way(wid))
     spill.ways_done()
     written = {g: spill.files(g)[1].read_text().split() for g in (1, 2, 3)}
-    ids = {g: [int(w[1:]) for w in words if w.startswith("w")] for g, words in written.items()}
+    ids = {
+        g: sorted(int(w[1:]) for w in words if w.startswith("w")) for g, words in written.items()
+    }
     assert ids == {1: [10, 30], 2: [10, 20, 40], 3: [30, 70]}
     assert spill.member_ways == 5  # 10, 20, 30, 40, 70: each formatted once
 
@@ -147,3 +150,19 @@ def test_later_groups_read_only_their_spill_files(
     # The planning read and the first group's: none per later group.
     assert reads == [str(pbf)] * 2
     assert landuse.feature_count == natural.feature_count == 15
+
+
+def test_a_file_not_sorted_by_id_is_refused_in_groups_as_in_one(tmp_path: Path) -> None:
+    """The spill's cursor relies on ways in id order; so does the area assembler, which
+    refuses such a file with the same one-line error whatever the groups."""
+    lines = relation_dense_opl(30, 8, 3).split("\n")
+    ways = [line for line in lines if line.startswith("w")]
+    shuffled = [line for line in lines if line.startswith("n")] + ways[::-1]
+    shuffled += [line for line in lines if line.startswith("r")]
+    pbf = opl_to_pbf("\n".join(shuffled), tmp_path / "unsorted.osm.pbf")
+    types = resolve_feature_types(["landuse", "natural"])
+    for budget_mb in (None, 0.004):
+        settings = MemsafeSettings(relation_budget_mb=budget_mb)
+        with pytest.raises(InvalidPbfError, match="is not sorted by type then id") as err:
+            list(extract_feature_types(pbf, types, settings, single_pass=True))
+        assert "osmium sort" in str(err.value) and "\n" not in str(err.value)
