@@ -21,7 +21,6 @@ rest is on disk in the pass's scratch dir (~12 B per member + the OPL of the mem
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,10 +89,9 @@ MemberGroups = Callable[[], Iterator[tuple[int, int, np.ndarray]]]
 class GroupSpill:
     """The later groups of one pass on disk, in ``scratch`` (removed with it)."""
 
-    def __init__(self, scratch: Path, group_count: int) -> None:
+    def __init__(self, scratch: Path) -> None:
         self._dir = scratch / "groups"
         self._dir.mkdir()
-        self.group_count = group_count
         self._pairs_ids: np.ndarray = np.empty(0, np.int64)
         self._pairs_groups: np.ndarray = np.empty(0, np.int32)
         self._pending: dict[int, list[str]] = {}
@@ -236,8 +234,8 @@ class GroupSpill:
         for group in list(self._pending):
             self._flush(group)
         self._chunk_ids, self._chunk_groups, self._next_id = [], [], None
-        with contextlib.suppress(AttributeError):
-            del self._pairs_ids, self._pairs_groups  # unmap
+        self._pairs_ids = np.empty(0, np.int64)  # unmap the pairs
+        self._pairs_groups = np.empty(0, np.int32)
 
     # -- 4. a later group ---------------------------------------------------------------
 

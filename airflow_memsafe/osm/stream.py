@@ -631,7 +631,7 @@ def _plan_relations(
     log.info("%s: %s", names, plan.describe())
     spill = None
     if plan.group_count > 1:
-        spill = GroupSpill(scratch, plan.group_count)
+        spill = GroupSpill(scratch)
         spill.build(candidates.way_refs(), plan.member_groups(candidates))
     manager = osmium.area.AreaManager()
     keys = sorted(_by_key(_area_jobs(jobs)))

@@ -113,7 +113,7 @@ def test_pairs_sorted_in_many_buckets_give_each_way_all_its_groups(
         yield 0, 4, groups[:4]
         yield 4, 10, groups[4:]
 
-    spill = GroupSpill(tmp_path, 4)
+    spill = GroupSpill(tmp_path)
     spill.build(refs, member_groups)
 
     class Way:
