@@ -38,6 +38,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -356,11 +357,23 @@ class AirflowRunner:
         conf: dict[str, Any],
         limit_mb: int,
         timeout_s: float | None,
+        log_name: str | None = None,
         **env: str,
     ) -> CgroupRun:
+        """``log_name``: keep the whole output as ``<home>/logs/<log_name>.stdout|.stderr``
+        (else only the tails)."""
         cmd = [str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)]
+        stem = None
+        if log_name is not None:
+            (self.home / "logs").mkdir(parents=True, exist_ok=True)
+            stem = self.home / "logs" / log_name
         return run_in_memory_cgroup(
-            cmd, limit_mb, env=self.env(dags_folder, **env), cwd=REPO, timeout_s=timeout_s
+            cmd,
+            limit_mb,
+            env=self.env(dags_folder, **env),
+            cwd=REPO,
+            timeout_s=timeout_s,
+            log_stem=stem,
         )
 
     # The three DAG runs the benchmark and the proof tests measure.
@@ -376,10 +389,13 @@ class AirflowRunner:
         region_id: str,
         snapshot: str,
         dag_id: str = "osm_region_features",
+        log_name: str | None = None,
         **env: str,
     ) -> CgroupRun:
         conf = {"pbf_path": str(pbf), "region_id": region_id, "snapshot": snapshot}
-        return self.dags_test(EXAMPLE_DAGS, dag_id, conf, limit_mb, timeout_s, **env)
+        return self.dags_test(
+            EXAMPLE_DAGS, dag_id, conf, limit_mb, timeout_s, log_name=log_name, **env
+        )
 
     def naive(self, pbf: Path, limit_mb: int, timeout_s: float | None) -> CgroupRun:
         return self.dags_test(
@@ -461,10 +477,20 @@ def measure_ours(
     # A fresh snapshot per run (a valid one: a UTC date-time down to the microsecond).
     region_id = f"bench_x{copies}"
     snapshot = snapshot_of(dt.datetime.now(dt.UTC))
-    run = runner.ours(pbf, limit_mb, timeout_s, region_id, snapshot, dag_id=OURS[tool])
+    log_name = f"{tool}-x{copies}-{snapshot.replace(':', '')}"
+    run = runner.ours(
+        pbf, limit_mb, timeout_s, region_id, snapshot, dag_id=OURS[tool], log_name=log_name
+    )
     measurement = _measure(tool, copies, pbf, run)
     rows = runner.pg.fact_rows(region_id, snapshot)
     measurement.extra["rows"] = len(rows)
+    if not measurement.ok:
+        measurement.extra["missing"] = sorted(set(reference) - set(rows))
+        measurement.extra["log"] = str(runner.home / "logs" / log_name)
+        error = task_error(runner.home / "logs" / f"{log_name}.stdout")
+        error = error or task_error(runner.home / "logs" / f"{log_name}.stderr")
+        if error:
+            measurement.note = error[:300]
     measurement.extra["monitor_peak_pct"] = runner.pg.monitor_peak(region_id, snapshot)
     if measurement.ok:
         problems = check_rows(rows, reference, copies)
@@ -472,6 +498,25 @@ def measure_ours(
             measurement.status = "wrong rows"
             measurement.note = "; ".join(problems)[:300]
     return measurement
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exit|Interrupt)\b:? ")
+_ERROR_LINE = re.compile(r"\b(ERROR|error|Task failed)\b")
+
+
+def task_error(log: Path) -> str:
+    """The last exception line of a ``dags test`` log (a failing task's ``SomeError: ...``),
+    else its last error line, else ''."""
+    if not log.exists():
+        return ""
+    exception = error = ""
+    with log.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if _EXCEPTION_LINE.search(line):
+                exception = line.strip()
+            elif _ERROR_LINE.search(line):
+                error = line.strip()
+    return exception or error
 
 
 def run_benchmark(

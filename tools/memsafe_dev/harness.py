@@ -289,11 +289,13 @@ def run_in_memory_cgroup(
     cwd: str | os.PathLike[str] | None = None,
     timeout_s: float | None = None,
     capture: bool = True,
+    log_stem: str | os.PathLike[str] | None = None,
 ) -> CgroupRun:
     """Run ``cmd`` in a new memory cgroup limited to ``limit_mb`` MiB and report its memory.
 
-    The command's output goes to temporary files (only the tails are kept) unless
-    ``capture`` is false, in which case it goes to this process's stdout/stderr.
+    The command's output goes to temporary files (only the tails are kept), or to
+    ``<log_stem>.stdout`` / ``<log_stem>.stderr`` kept whole when ``log_stem`` is given, or
+    (``capture`` false) to this process's stdout/stderr.
     On timeout everything in the group is killed (``timed_out``, not ``killed_by_oom``).
     The group is removed afterwards, whatever happened. Raises RuntimeError when no cgroup
     can be created (see :func:`cgroup_available`).
@@ -305,7 +307,10 @@ def run_in_memory_cgroup(
         group = stack.enter_context(memory_cgroup(limit_mb))
         out: BinaryIO | None = None
         err: BinaryIO | None = None
-        if capture:
+        if log_stem is not None:
+            out = stack.enter_context(open(f"{os.fspath(log_stem)}.stdout", "w+b"))
+            err = stack.enter_context(open(f"{os.fspath(log_stem)}.stderr", "w+b"))
+        elif capture:
             out = stack.enter_context(tempfile.TemporaryFile())
             err = stack.enter_context(tempfile.TemporaryFile())
         proc = subprocess.Popen(
