@@ -47,6 +47,7 @@ from airflow_memsafe.features import FeatureType, GeometryKind
 from airflow_memsafe.memory import PeakRss
 from airflow_memsafe.memory.adaptive import PressureGuard
 from airflow_memsafe.memory.budget import plan_feature_type
+from airflow_memsafe.memory.cleanup import release_memory
 from airflow_memsafe.memory.monitor import MemoryMonitor
 from airflow_memsafe.osm.batching import MicroBatch
 from airflow_memsafe.osm.group_spill import GroupSpill
@@ -543,8 +544,12 @@ def stream_types(
                             stage = _check_order(order, _NODE, stage, last_node, oid)
                         last_node = oid
                         dispatch.node(obj)
+            # Group 1's relation store: the second-pass handler in ``handlers`` and the
+            # iterator keep the manager alive, so all three go before the later groups.
+            del objects, handlers
             if needs_areas:
-                del manager  # group 1's relation store
+                del manager
+            release_memory()
             if relations is not None and spill is not None:
                 spill.ways_done()
                 log.info(
@@ -627,6 +632,7 @@ def _plan_relations(
     if not gate.over_budget:
         return manager, single_group(gate, candidates), None
     del manager  # the partial store: replaced by the first group's
+    release_memory()  # before planning's temporaries and the first group's store
     plan = plan_groups(source.path, candidates, budget_mb, available_mb=available_mb, names=names)
     log.info("%s: %s", names, plan.describe())
     spill = None
@@ -658,6 +664,7 @@ def _later_group(spill: GroupSpill, group: int, areas: _AreaHandler, guard: Pres
             if not n % _CHECK_EVERY:
                 guard.check()
     del first, second, manager
+    release_memory()  # else the groups' stores pile up in glibc's free lists (~2 MB each)
     spill.remove(group)
 
 
