@@ -43,6 +43,7 @@ import numpy as np
 import osmium
 
 from airflow_memsafe.errors import InvalidPbfError, one_line
+from airflow_memsafe.memory.cleanup import cap_malloc_arenas
 
 __all__ = [
     "FIRST_ID",
@@ -143,6 +144,7 @@ def pbf_facts(path: str | os.PathLike[str]) -> PbfFacts:
     if facts is not None:
         return facts
     claims_sorted = history = False
+    cap_malloc_arenas()  # before the first reader threads (see source.pbf_file)
     try:
         with osmium.io.Reader(osmium.io.File(str(p), "pbf"), osmium.osm.NOTHING) as reader:
             header = reader.header()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.features import resolve_feature_types
 from airflow_memsafe.memory.budget import InputTooLargeError, plan_feature_type
 from airflow_memsafe.memory.cgroup import read_memory
+from airflow_memsafe.memory.cleanup import DEFAULT_MALLOC_ARENAS
 from airflow_memsafe.memory.monitor import MemoryBudgetExceeded, MemoryLevel, MemoryMonitor
 from airflow_memsafe.memory.slots import concurrency_slot
 from airflow_memsafe.osm.extract import extract_feature_types
@@ -128,3 +130,45 @@ def test_concurrency_slot_blocks_a_second_process(tmp_path: Path) -> None:
     # A killed holder releases its slot (flock dies with the process).
     with concurrency_slot(1, lock_dir=tmp_path, timeout_s=2) as index:
         assert index == 0
+
+
+_ARENAS = """
+import ctypes, sys, threading
+if sys.argv[1] == "engine":
+    from airflow_memsafe.osm.source import open_pbf
+    open_pbf(sys.argv[2])  # the first PBF read of the process
+libc = ctypes.CDLL("libc.so.6")
+barrier = threading.Barrier(5)
+def work():
+    libc.malloc(4096)  # a new thread's first malloc picks its arena
+    barrier.wait()  # all alive at once: no arena is handed back
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+barrier.wait()
+libc.malloc_stats()  # one "Arena N:" block per arena, on stderr
+barrier.wait()
+"""
+
+
+def _arenas(mode: str, **env: str) -> int:
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    run = subprocess.run(
+        [sys.executable, "-c", _ARENAS, mode, str(MONACO)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**clean, **env},
+    )
+    return sum(line.startswith("Arena ") for line in run.stderr.splitlines())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_stats")
+def test_first_pbf_read_caps_malloc_arenas_unless_configured() -> None:
+    # Without the engine, four threads get four arenas of their own besides the main one.
+    assert _arenas("plain") == 5
+    # After the engine's first read (libosmium's reader threads start there), new threads
+    # share the one arena (DEFAULT_MALLOC_ARENAS); a deployment's MALLOC_ARENA_MAX wins.
+    assert _arenas("engine") == DEFAULT_MALLOC_ARENAS == 1
+    assert _arenas("engine", MALLOC_ARENA_MAX="3") == 3
