@@ -186,7 +186,7 @@ class MemsafeSettings:
     relation_budget_mb: float | None = _setting(
         None,
         "Largest estimated store of candidate multipolygon relations in the area assembler "
-        "(~85 B per member + 0.5 KB per relation); past it the relations are assembled in "
+        "(~150 B per member + 0.9 KB per relation in RAM); past it the relations are assembled in "
         "groups (the later ones from a spill file each), and relations with member ways "
         "missing from the file are left out.",
         unit="MB",

@@ -1,7 +1,7 @@
 """Candidate multipolygon relations, planned before the area assembler sees them.
 
 libosmium's area assembler keeps every relation of its first pass, with its member list, for
-the whole second pass (~85 B per member + ~0.5 KB per relation, measured, see
+the whole second pass (~150 B per member + ~0.9 KB per relation in RAM, measured, see
 ``docs/memory-model.md``) — also relations whose member ways are not in the file (clipped
 extracts) and that can never become areas. It is the one memory cost that grows with the
 input. So the relations pass goes through a Python gate (:class:`RelationGate`, one call per
@@ -57,13 +57,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The assembler's relation store, measured (DESIGN.md): per member and per relation.
-RELATION_MEMBER_BYTES = 85
-RELATION_BYTES = 512
+#: The assembler's relation store per member and per relation, as it is in RAM: the
+#: content (~85 B per member + ~0.5 KB per relation, DESIGN.md) in libosmium buffers that
+#: grow by doubling. Calibrated on the later groups' first passes (relation-dense 188 MB
+#: tile): groups estimated at 16 MB and 8 MB from the content took 26-29 MB and 15 MB.
+RELATION_MEMBER_BYTES = 150
+RELATION_BYTES = 900
 #: Default store budget (smaller if the limit is tight). Measured on the relation-dense
-#: 188 MB tile (8 types, CLI single pass, later groups from the spill): 140 MB peak anonymous
-#: at 32 MB in 66 s, 110 MB at 16 MB in 75 s, 104 MB at 8 MB in 69 s: 16 MB is the knee.
-#: The real store is larger than the estimate (~1.8x on 2-node member ways).
+#: 188 MB tile (8 types, CLI single pass, later groups from the spill, 1 malloc arena):
+#: 95 MB peak anonymous with 29 MB of real store per group, 83 MB with 15 MB.
 DEFAULT_RELATION_BUDGET_MB = 16.0
 _MIN_BUDGET_MB = 8.0
 #: Member ids held in RAM before they go to the spill file (8 B each: 8 MB).

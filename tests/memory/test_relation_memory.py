@@ -64,7 +64,8 @@ def _run(path: Path, budget_mb: str | None, tmp_path: Path) -> CgroupRun:
     env["AIRFLOW__MEMSAFE__INDEX_DIR"] = str(index_dir)
     cmd = [str(CLI), "extract", str(path), "--types", TYPES, "--single-pass", "--json"]
     cmd.append("--quiet")
-    return run_in_memory_cgroup(cmd, LIMIT_MB, env=env, timeout_s=600)
+    stem = tmp_path / f"extract-{budget_mb or 'default'}"  # the whole JSON, not a tail
+    return run_in_memory_cgroup(cmd, LIMIT_MB, env=env, timeout_s=600, log_stem=stem)
 
 
 def _describe(name: str, run: CgroupRun) -> str:
@@ -90,7 +91,7 @@ def test_grouped_relations_complete_where_the_unbounded_store_is_killed(
     report = _describe("grouped", grouped)
     assert grouped.returncode == 0 and not grouped.killed_by_oom, report
     assert grouped.peak_anon_mb is not None and grouped.peak_anon_mb < LIMIT_MB * 0.9, report
-    rows: list[dict[str, Any]] = json.loads(grouped.stdout_tail[grouped.stdout_tail.index("[") :])
+    rows: list[dict[str, Any]] = json.loads((tmp_path / "extract-default.stdout").read_text())
 
     # Exactly COPIES× the source, whose figures come from one in-process assembly.
     settings = MemsafeSettings(relation_budget_mb=100000)
