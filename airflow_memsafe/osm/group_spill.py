@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from airflow_memsafe.memory import release_memory
+from airflow_memsafe.osm.text import undecodable_as_replacement
 
 __all__ = ["GroupSpill", "opl_escape"]
 
@@ -52,12 +53,11 @@ def opl_escape(text: str) -> str:
 
 
 def _text(get: Any) -> str:
-    """A tag key/value or role; bytes that are not UTF-8 read with U+FFFD, as the main path
-    reads them (``stream._tag``)."""
+    """A tag key/value or role, read as the main path reads tags (:mod:`.text`)."""
     try:
         return str(get())
     except UnicodeDecodeError as exc:
-        return bytes(exc.object).decode("utf-8", "replace")
+        return undecodable_as_replacement(exc)
 
 
 def _relation_opl(rel: Any) -> str:

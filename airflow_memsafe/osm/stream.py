@@ -75,6 +75,7 @@ from airflow_memsafe.osm.relations import (
 from airflow_memsafe.osm.scratch import node_index_dir
 from airflow_memsafe.osm.source import PbfSource, pbf_file
 from airflow_memsafe.osm.tally import NO_WKB, Feature, StreamStats
+from airflow_memsafe.osm.text import undecodable_as_replacement
 
 __all__ = ["PassResult", "Sink", "TypeJob", "stream_types"]
 
@@ -224,7 +225,7 @@ def _tag(tags: Any, key: str) -> str | None:
     try:
         return tags.get(key)
     except UnicodeDecodeError as exc:
-        return bytes(exc.object).decode("utf-8", "replace")
+        return undecodable_as_replacement(exc)
 
 
 def _area_jobs(jobs: Sequence[TypeJob]) -> list[TypeJob]:
