@@ -137,6 +137,8 @@ import ctypes, sys, threading
 if sys.argv[1] == "engine":
     from airflow_memsafe.osm.source import open_pbf
     open_pbf(sys.argv[2])  # the first PBF read of the process
+elif sys.argv[1] == "dag":
+    import airflow_memsafe.operators  # what a DAG file's import does in a task process
 libc = ctypes.CDLL("libc.so.6")
 barrier = threading.Barrier(5)
 def work():
@@ -171,4 +173,7 @@ def test_first_pbf_read_caps_malloc_arenas_unless_configured() -> None:
     # After the engine's first read (libosmium's reader threads start there), new threads
     # share the one arena (DEFAULT_MALLOC_ARENAS); a deployment's MALLOC_ARENA_MAX wins.
     assert _arenas("engine") == DEFAULT_MALLOC_ARENAS == 1
+    # In an Airflow task the runner's threads exist before the first read: the operators'
+    # import (the DAG file's) caps them first.
+    assert _arenas("dag") == 1
     assert _arenas("engine", MALLOC_ARENA_MAX="3") == 3
