@@ -43,7 +43,7 @@ import numpy as np
 import osmium
 
 from airflow_memsafe.errors import InvalidPbfError, one_line
-from airflow_memsafe.memory.cleanup import cap_malloc_arenas
+from airflow_memsafe.osm.source import pbf_file
 
 __all__ = [
     "FIRST_ID",
@@ -144,9 +144,8 @@ def pbf_facts(path: str | os.PathLike[str]) -> PbfFacts:
     if facts is not None:
         return facts
     claims_sorted = history = False
-    cap_malloc_arenas()  # before the first reader threads (see source.pbf_file)
     try:
-        with osmium.io.Reader(osmium.io.File(str(p), "pbf"), osmium.osm.NOTHING) as reader:
+        with osmium.io.Reader(pbf_file(p), osmium.osm.NOTHING) as reader:
             header = reader.header()
             history = bool(header.has_multiple_object_versions)
             claims_sorted = header.get("sorting", "") == "Type_then_ID"
