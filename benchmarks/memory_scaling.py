@@ -346,6 +346,10 @@ class AirflowRunner:
             **extra,
         )
 
+    def log_stem(self, log_name: str) -> Path:
+        """Where :meth:`dags_test` keeps a run's whole output (``.stdout`` / ``.stderr``)."""
+        return self.home / "logs" / log_name
+
     def prepare(self) -> AirflowRunner:
         migrate(self.env(EXAMPLE_DAGS))
         return self
@@ -365,8 +369,8 @@ class AirflowRunner:
         cmd = [str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)]
         stem = None
         if log_name is not None:
-            (self.home / "logs").mkdir(parents=True, exist_ok=True)
-            stem = self.home / "logs" / log_name
+            stem = self.log_stem(log_name)
+            stem.parent.mkdir(parents=True, exist_ok=True)
         return run_in_memory_cgroup(
             cmd,
             limit_mb,
@@ -486,9 +490,9 @@ def measure_ours(
     measurement.extra["rows"] = len(rows)
     if not measurement.ok:
         measurement.extra["missing"] = sorted(set(reference) - set(rows))
-        measurement.extra["log"] = str(runner.home / "logs" / log_name)
-        error = task_error(runner.home / "logs" / f"{log_name}.stdout")
-        error = error or task_error(runner.home / "logs" / f"{log_name}.stderr")
+        stem = runner.log_stem(log_name)
+        measurement.extra["log"] = str(stem)
+        error = task_error(Path(f"{stem}.stdout")) or task_error(Path(f"{stem}.stderr"))
         if error:
             measurement.note = error[:300]
     measurement.extra["monitor_peak_pct"] = runner.pg.monitor_peak(region_id, snapshot)
