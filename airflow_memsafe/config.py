@@ -119,7 +119,8 @@ class MemsafeSettings:
     )
     hard_limit_pct: float = _setting(
         95.0,
-        "Working set at which the type stops with MemoryBudgetExceeded (the others still run).",
+        "Working set at which the type stops with MemoryBudgetExceeded (the others still run), "
+        "unless flushing and releasing memory brings it back under critical_pct.",
         unit="%",
         above=0,
         maximum=100,

@@ -33,8 +33,11 @@ class PressureGuard:
     - warning: halve the batch size (not below ``floor``);
     - critical: flush, ``gc.collect()`` + ``malloc_trim(0)``, drop to ``floor``;
     - back to normal: double the size again, up to ``ceiling``;
-    - past the hard line even after a flush and release: raise
-      :class:`MemoryBudgetExceeded` naming the type, the limit, the usage and what to change.
+    - past the hard line: flush and release, then raise :class:`MemoryBudgetExceeded`
+      (naming the type, the limit, the usage and what to change) unless that brought the
+      working set back under the critical line. Just under the hard line is not safe ground:
+      the kernel then reclaims the page cache the reads live on (the file-backed node index)
+      and the type crawls at the limit, a hundred times slower, until the next spike kills it.
     """
 
     def __init__(
@@ -61,9 +64,10 @@ class PressureGuard:
             release_memory()
             self._resize(self.floor)
             if sample.level >= MemoryLevel.EXCEEDED:
-                sample = self.monitor.sample()
-                if sample.level >= MemoryLevel.EXCEEDED:
-                    raise MemoryBudgetExceeded(self._message(sample))
+                released = self.monitor.sample()
+                if released.level >= MemoryLevel.CRITICAL:
+                    raise MemoryBudgetExceeded(self._message(sample, released))
+                sample = released
         elif sample.level == MemoryLevel.WARNING:
             self._resize(max(self.floor, self.batch.size // 2))
         elif self.batch.size < self.ceiling:
@@ -77,12 +81,14 @@ class PressureGuard:
             self.adjustments += 1
             self.smallest_batch = min(self.smallest_batch, size)
 
-    def _message(self, sample: MemorySample) -> str:
+    def _message(self, sample: MemorySample, released: MemorySample) -> str:
         return (
             f"{self.feature_type}: working set {sample.working_set_mb:.0f} MB is "
             f"{sample.percent:.0f}% of the {sample.limit_mb:.0f} MB memory limit (hard line "
-            f"{self.monitor.hard_limit_pct:.0f}%), still after flushing and releasing memory; "
-            "stopped before the kernel kills the task. Rows already written stay. To finish: "
+            f"{self.monitor.hard_limit_pct:.0f}%), and flushing and releasing memory brought "
+            f"it only to {released.percent:.0f}% (critical line "
+            f"{self.monitor.critical_pct:.0f}%); stopped before the kernel kills the task. "
+            "Rows already written stay. To finish: "
             "raise the worker's memory limit (memory_limit_mb / mem_limit), force "
             "node_index='sparse_file_array' or lower spill_threshold_mb, or run fewer tasks "
             "at once (max_concurrency)"

@@ -13,6 +13,7 @@ from conftest import MONACO
 
 from airflow_memsafe.config import MemsafeSettings
 from airflow_memsafe.features import resolve_feature_types
+from airflow_memsafe.memory.adaptive import PressureGuard
 from airflow_memsafe.memory.budget import InputTooLargeError, plan_feature_type
 from airflow_memsafe.memory.cgroup import read_memory
 from airflow_memsafe.memory.cleanup import DEFAULT_MALLOC_ARENAS
@@ -89,6 +90,50 @@ def test_monitor_levels_callbacks_and_peak() -> None:
     assert monitor.peak_working_set_mb >= now * 0.9
     assert monitor.classify(85) == MemoryLevel.WARNING
     assert monitor.classify(99.95) == MemoryLevel.EXCEEDED
+
+
+def _written(size_mb: float) -> bytearray:
+    return bytearray(b"\x01") * int(size_mb * 2**20)  # written, so resident
+
+
+class _BallastBatch:
+    """A micro-batch whose flush gives back real memory (a written buffer)."""
+
+    def __init__(self, ballast: bytearray) -> None:
+        self.size = 256
+        self.ballast: bytearray | None = ballast
+
+    def flush(self) -> None:
+        self.ballast = None
+
+
+@pytest.mark.parametrize(("after_release_pct", "stops"), [(80, False), (92.5, True)])
+def test_hard_line_stops_the_type_unless_the_release_gets_back_under_critical(
+    after_release_pct: float, stops: bool
+) -> None:
+    """At 96.5 % of the limit (hard line 95 %) the guard flushes and releases; what the flush
+    gives back decides: under the critical line (90 %) the type goes on at the floor batch
+    size, between the critical and the hard line it stops."""
+    kept = _written(200)  # the rest of the process: stays
+    base_mb = read_memory().working_set_mb
+    batch = _BallastBatch(_written(base_mb * (96.5 / after_release_pct - 1)))
+    monitor = MemoryMonitor(
+        limit_mb=read_memory().working_set_mb / 0.965,
+        warning_pct=80,
+        critical_pct=90,
+        hard_limit_pct=95,
+    )
+    guard = PressureGuard(monitor, batch, feature_type="roads", floor=16, ceiling=256)
+    if not stops:
+        sample = guard.check()
+        assert sample.level < MemoryLevel.CRITICAL and batch.size == 16, sample
+    else:
+        with pytest.raises(MemoryBudgetExceeded) as err:
+            guard.check()
+        message = str(err.value)
+        assert message.startswith("roads: working set ") and "(hard line 95%)" in message
+        assert "brought it only to 9" in message and "(critical line 90%)" in message, message
+    assert batch.ballast is None and len(kept) == 200 * 2**20
 
 
 def test_background_sampler_runs_and_stops() -> None:
