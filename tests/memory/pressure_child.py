@@ -9,16 +9,18 @@ released. Prints one JSON line: callbacks seen, monitor counters, batch sizes, r
 allocates steadily (~100 MB/s, no knowledge of the limit). The engine must stop with
 ``MemoryBudgetExceeded`` before the kernel's SIGKILL: prints the message, exits 3.
 
-``python pressure_child.py hog DSN REGION SNAPSHOT PERCENT [INDEX_PARENT]`` — a neighbour in
-the same cgroup: waits until the first fact row of REGION/SNAPSHOT lands (and, with
-INDEX_PARENT, until the next type's file-backed node index is being written there, i.e. the
-next type is reading), then takes memory in small steps until the cgroup's working set is
-PERCENT % of its limit, and holds it.
+``python pressure_child.py hog DSN REGION SNAPSHOT PERCENT [PBF FRACTION]`` — a neighbour in
+the same cgroup: waits until the first fact row of REGION/SNAPSHOT lands (and, with PBF, until
+a process reads PBF past FRACTION of its bytes, i.e. the next type is in its ways), then takes
+memory until the cgroup's working set is PERCENT % of its limit, and holds it. The ways, not
+the nodes: in a pass without point types no node reaches Python, so the engine's first
+check is at the first ways (docs/memory-model.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -131,12 +133,28 @@ def budget(path: str) -> int:
     return 0
 
 
-def hog(dsn: str, region_id: str, snapshot: str, percent: float, index_parent: str | None) -> None:
+def _read_position(pbf: str) -> int:
+    """The largest file offset at which any process of this machine has ``pbf`` open."""
     from pathlib import Path
 
-    import psycopg
+    target = str(Path(pbf).resolve())
+    best = 0
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                if os.readlink(fd) != target:
+                    continue
+                info = (fd_dir.parent / "fdinfo" / fd.name).read_text()
+                best = max(best, int(info.split("pos:", 1)[1].split()[0]))
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+    return best
 
-    from airflow_memsafe.osm.scratch import PREFIX
+
+def hog(
+    dsn: str, region_id: str, snapshot: str, percent: float, pbf: str | None, fraction: float
+) -> None:
+    import psycopg
 
     deadline = time.monotonic() + 600
     query = (
@@ -152,15 +170,14 @@ def hog(dsn: str, region_id: str, snapshot: str, percent: float, index_parent: s
         except psycopg.Error:  # the table does not exist yet
             pass
         time.sleep(0.1)
-    while index_parent and time.monotonic() < deadline:
-        indexes = list(Path(index_parent).glob(f"{PREFIX}*/*"))
-        if any(p.exists() and p.stat().st_size > 0 for p in indexes):
-            break
-        time.sleep(0.02)
+    if pbf:
+        past = fraction * os.stat(pbf).st_size
+        while time.monotonic() < deadline and _read_position(pbf) < past:
+            time.sleep(0.01)
     ballast: list[bytearray] = []
-    reached = fill_to(ballast, percent, step_mb=4, pause_s=0.01)
+    reached = fill_to(ballast, percent, step_mb=32)  # each step at most the gap: no overshoot
     print(f"hog: holding {sum(map(len, ballast)) / _MIB:.0f} MB, {reached:.1f}%", flush=True)
-    time.sleep(deadline - time.monotonic())
+    time.sleep(max(0.0, deadline - time.monotonic()))
 
 
 if __name__ == "__main__":
@@ -170,6 +187,7 @@ if __name__ == "__main__":
     elif mode == "budget":
         raise SystemExit(budget(*args))
     elif mode == "hog":
-        hog(args[0], args[1], args[2], float(args[3]), args[4] if len(args) > 4 else None)
+        pbf, fraction = (args[4], float(args[5])) if len(args) > 5 else (None, 0.0)
+        hog(args[0], args[1], args[2], float(args[3]), pbf, fraction)
     else:
         raise SystemExit(f"unknown mode {mode}")
