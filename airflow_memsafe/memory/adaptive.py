@@ -35,9 +35,8 @@ class PressureGuard:
     - back to normal: double the size again, up to ``ceiling``;
     - past the hard line: flush and release, then raise :class:`MemoryBudgetExceeded`
       (naming the type, the limit, the usage and what to change) unless that brought the
-      working set back under the critical line. Just under the hard line is not safe ground:
-      the kernel then reclaims the page cache the reads live on (the file-backed node index)
-      and the type crawls at the limit, a hundred times slower, until the next spike kills it.
+      working set back under the critical line: just under the hard line leaves little for
+      the page cache the reads live on (the file-backed node index) and the next batches.
     """
 
     def __init__(
