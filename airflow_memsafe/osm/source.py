@@ -13,7 +13,7 @@ from pathlib import Path
 import osmium
 
 from airflow_memsafe.errors import InvalidPbfError
-from airflow_memsafe.memory.cleanup import cap_malloc_arenas
+from airflow_memsafe.memory.cleanup import configure_malloc
 from airflow_memsafe.osm import geojson
 from airflow_memsafe.osm.geodesy import bbox_area_km2
 
@@ -65,9 +65,9 @@ def _parse_timestamp(value: str) -> datetime | None:
 
 def pbf_file(path: str | os.PathLike[str]) -> osmium.io.File:
     """An osmium file handle read as PBF whatever the file is called. Every PBF read starts
-    here, so glibc's arenas are capped (once) before libosmium's reader threads exist
-    (:func:`~airflow_memsafe.memory.cleanup.cap_malloc_arenas`)."""
-    cap_malloc_arenas()
+    here, so glibc's malloc is set up (once) before libosmium's reader threads exist
+    (:func:`~airflow_memsafe.memory.cleanup.configure_malloc`)."""
+    configure_malloc()
     return osmium.io.File(str(path), "pbf")
 
 

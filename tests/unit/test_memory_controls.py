@@ -16,7 +16,7 @@ from airflow_memsafe.features import resolve_feature_types
 from airflow_memsafe.memory.adaptive import PressureGuard
 from airflow_memsafe.memory.budget import InputTooLargeError, plan_feature_type
 from airflow_memsafe.memory.cgroup import read_memory
-from airflow_memsafe.memory.cleanup import DEFAULT_MALLOC_ARENAS
+from airflow_memsafe.memory.cleanup import DEFAULT_MALLOC_ARENAS, DEFAULT_MMAP_THRESHOLD_BYTES
 from airflow_memsafe.memory.monitor import MemoryBudgetExceeded, MemoryLevel, MemoryMonitor
 from airflow_memsafe.memory.slots import concurrency_slot
 from airflow_memsafe.osm.extract import extract_feature_types
@@ -222,3 +222,49 @@ def test_first_pbf_read_caps_malloc_arenas_unless_configured() -> None:
     # import (the DAG file's) caps them first.
     assert _arenas("dag") == 1
     assert _arenas("engine", MALLOC_ARENA_MAX="3") == 3
+
+
+_MAPPED = """
+import ctypes, sys
+if sys.argv[1] == "dag":
+    from airflow_memsafe.memory.cleanup import configure_malloc
+    import airflow_memsafe.operators  # what a DAG file's import does in a task process
+    print(configure_malloc()[1])
+else:
+    print(None)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+libc.free(libc.malloc(24 << 20))  # a large block freed: glibc raises its threshold to 24 MB
+block = libc.malloc(6 << 20)  # like an assembler buffer growing after a relation group
+print(libc.mallinfo2().hblkhd >> 20)  # MB in blocks of their own mapping
+"""
+
+
+def _mapped(mode: str, **env: str) -> tuple[str, int]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = subprocess.run(
+        [sys.executable, "-c", _MAPPED, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**clean, **env},
+    )
+    threshold, mapped_mb = run.stdout.split()
+    return threshold, int(mapped_mb)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_operators_fix_the_mmap_threshold_so_large_blocks_go_back_when_freed() -> None:
+    # glibc alone: after one freed 24 MB block, a 6 MB block comes from the heap (whose free
+    # lists keep it after it is freed).
+    assert _mapped("plain") == ("None", 0)
+    # With the operators imported the threshold stays at 4 MiB: the block has its own mapping.
+    assert _mapped("dag") == (str(DEFAULT_MMAP_THRESHOLD_BYTES), 6)
+    # A deployment's MALLOC_MMAP_THRESHOLD_ wins.
+    assert _mapped("dag", MALLOC_MMAP_THRESHOLD_=str(64 << 20)) == (str(64 << 20), 0)
