@@ -21,7 +21,9 @@ class OsmFactsExportOperator(BaseOperator):
     the table size. The output file appears only once complete. Pushes the small report
     (path, rows, chunks, size) to XCom.
 
-    :param out_path: output file (templated), e.g. ``/exports/{{ ds }}/facts.parquet``.
+    :param out_path: output file (templated), e.g.
+        ``/exports/{{ dag_run.run_after | ds }}/facts.parquet`` (``{{ ds }}`` is undefined in
+        runs triggered from the UI, which have no logical date in Airflow 3).
     :param file_format: ``csv`` or ``parquet`` (one row group per chunk).
     :param table: ``facts`` (``schema.fact_table``) or ``metrics`` (``pipeline_metrics``).
     :param region_id, snapshot: only these rows of the fact table (templated; None = all).
